@@ -1,0 +1,46 @@
+# Two commands a newcomer needs: `make reproduce` (everything) and `make test` (CI's command).
+PYTHON_BOOT ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: venv test reproduce lab bench pretrain clean
+
+venv: $(STAMP)
+
+# torch is installed first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) on PATH (or make PYTHON_BOOT=/path/to/python3.11)"; exit 1; }
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Unit tests, then every notebook under nbval in its quick profile (figures go to a temp folder).
+test: venv
+	$(PY) -m pytest -q tests
+	$(if $(NOTEBOOKS),PROGRPO_PROFILE=quick $(PY) -m pytest -q --nbval-lax $(NOTEBOOKS))
+
+# Re-execute every notebook in order, in place, in the full profile; they rewrite figures/.
+reproduce: venv
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb"; \
+	  PROGRPO_PROFILE=full $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=-1 "$$nb" || exit 1; \
+	done
+
+lab: venv
+	$(PY) -m jupyter lab notebooks/
+
+bench: venv
+	$(PY) -m progrpo_ref.bench
+
+# Regenerate the committed checkpoints (classifiers + flow model), about 2 minutes on 2 cores.
+pretrain: venv
+	$(PY) -m progrpo_ref.pretrain
+
+clean:
+	rm -rf $(VENV) *.egg-info

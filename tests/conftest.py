@@ -1,0 +1,18 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def flow_model():
+    from progrpo_ref.model import load_flow_model
+
+    return load_flow_model()
+
+
+@pytest.fixture(scope="session")
+def margin_reward():
+    from progrpo_ref.rewards import get_reward
+
+    return get_reward("margin")
