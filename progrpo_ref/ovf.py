@@ -1,0 +1,85 @@
+r"""Optimal Variance Filtering (OVF) and the other subset-selection rules the ablations compare.
+
+OVF keeps the size-k subset of a group with the largest reward variance:
+
+    K* = argmax_{|K| = k} var({R_g : g in K})
+
+Exact solver in O(G log G). Sort the rewards. Some optimal subset is always the j lowest plus the
+k - j highest rewards, for some j in 0..k: if a kept reward lay strictly between two dropped ones,
+swapping it for the dropped one farther from the kept mean would not lower the variance
+(var = mean of squared distances to the mean, and moving one point farther from the mean while
+re-centring never decreases it). So we score the k + 1 "two tails" candidates with prefix sums,
+
+    S_j = sum of the j lowest + sum of the k - j highest,    Q_j = same for the squares,
+    var_j = Q_j / k - (S_j / k)^2,
+
+and keep the best. ``tests/test_ovf.py`` checks this against brute force over all subsets.
+
+Shapes: ``rewards`` ``[G]`` -> indices ``[k]``, or batched ``[P, G]`` -> ``[P, k]`` (one group per
+prompt); indices are returned in ascending reward order.
+"""
+from __future__ import annotations
+
+import torch
+
+STRATEGIES = ("ovf", "random", "top", "bottom", "split")
+
+
+def _check(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    if rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must be [G] or [P, G], got shape {tuple(rewards.shape)}")
+    G = rewards.shape[-1]
+    if k < 2:
+        raise ValueError(f"k={k} must be >= 2 (a group of one has no variance)")
+    if k > G:
+        raise ValueError(f"k={k} must be <= group size {G}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError(f"rewards contain {int((~torch.isfinite(rewards)).sum())} non-finite values")
+    return rewards if rewards.dim() == 2 else rewards[None]
+
+
+def _tails(order: torch.Tensor, j: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the j lowest and k - j highest, per row: order ``[P, G]`` sorted ascending, j ``[P]``."""
+    G = order.shape[1]
+    pos = torch.arange(G, device=order.device)[None]
+    keep = (pos < j[:, None]) | (pos >= (G - k + j)[:, None])  # exactly k True per row
+    return order[keep].view(-1, k)
+
+
+def ovf_select(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the size-k subset with the largest reward variance (exact, O(G log G))."""
+    r = _check(rewards, k)
+    sorted_r, order = r.double().sort(dim=1)
+    G = r.shape[1]
+    zero = torch.zeros_like(sorted_r[:, :1])
+    csum = torch.cat([zero, sorted_r.cumsum(1)], 1)  # csum[:, i] = sum of the i lowest
+    csq = torch.cat([zero, (sorted_r**2).cumsum(1)], 1)
+    j = torch.arange(k + 1, device=r.device)
+    hi = G - (k - j)  # the k - j highest start at sorted position hi
+    S = csum[:, j] + csum[:, G:G + 1] - csum[:, hi]  # [P, k + 1]
+    Q = csq[:, j] + csq[:, G:G + 1] - csq[:, hi]
+    var = Q / k - (S / k) ** 2
+    idx = _tails(order, var.argmax(dim=1), k)
+    return idx if rewards.dim() == 2 else idx[0]
+
+
+def select_subset(rewards: torch.Tensor, k: int, strategy: str = "ovf", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices ``[P, k]`` (or ``[k]``) of the subset each strategy keeps.
+
+    ``ovf``: exact OVF; ``random``: uniform random k; ``top``/``bottom``: the k highest / lowest;
+    ``split``: the fixed two tails, floor(k/2) lowest plus ceil(k/2) highest.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
+    if strategy == "ovf":
+        return ovf_select(rewards, k)
+    r = _check(rewards, k)
+    P, G = r.shape
+    if strategy == "random":
+        noise = torch.rand((P, G), generator=generator, device=generator.device if generator is not None else r.device)
+        idx = noise.argsort(dim=1)[:, :k].sort(dim=1).values.to(r.device)
+    else:
+        order = r.argsort(dim=1)
+        j = {"top": 0, "bottom": k, "split": k // 2}[strategy]
+        idx = _tails(order, torch.full((P,), j, device=r.device), k)
+    return idx if rewards.dim() == 2 else idx[0]
