@@ -5,6 +5,7 @@
     g12          G = 12                             all 12
     ovf          G = 24                             OVF 12 of the final rewards (static OVF)
     random       G = 24                             uniform random 12
+    split, top   G = 24                             the 6 lowest + 6 highest / the 12 highest
     standard     48 -> 24 -> 12 pruned at (5, 7)    the 12 survivors (Pro-GRPO Standard)
     flash        24 -> 16 -> 12 pruned at (5, 7)    the 12 survivors (Pro-GRPO Flash)
 
@@ -117,16 +118,19 @@ ARMS = {
     "g12": dict(schedule=PruneSchedule((12,), (), 10)),
     "ovf": dict(schedule=PRESETS["flow_grpo"], selection="ovf", select_k=12),
     "random": dict(schedule=PRESETS["flow_grpo"], selection="random", select_k=12),
+    "split": dict(schedule=PRESETS["flow_grpo"], selection="split", select_k=12),
+    "top": dict(schedule=PRESETS["flow_grpo"], selection="top", select_k=12),
     "standard": dict(schedule=PRESETS["standard"]),
     "flash": dict(schedule=PRESETS["flash"]),
 }
 
 
-def arm_config(arm: str, **overrides) -> TrainConfig:
-    """The config of a named arm of the study (table in the module docstring), with overrides."""
-    if arm not in ARMS:
-        raise ValueError(f"arm={arm!r} must be one of {sorted(ARMS)}")
-    return TrainConfig(**{"arm": arm, **ARMS[arm], **overrides})
+def arm_config(name: str, **overrides) -> TrainConfig:
+    """The config of a named arm of the study (table in the module docstring), with overrides
+    (``arm=`` relabels it)."""
+    if name not in ARMS:
+        raise ValueError(f"arm={name!r} must be one of {sorted(ARMS)}")
+    return TrainConfig(**{"arm": name, **ARMS[name], **overrides})
 
 
 # ---------------------------------------------------------------- evaluation (independent of selection)
@@ -140,9 +144,8 @@ def evaluate(model, config: TrainConfig, rewards: dict, sigmas: torch.Tensor) ->
     out = {}
     for name, fn in rewards.items():
         out[f"eval_{name}"] = fn(images, prompts).mean().item()
-    margin = rewards[config.reward](images, prompts) if config.reward == "margin" else None
-    if margin is not None:
-        out["eval_accuracy"] = (margin > 0).float().mean().item()  # margin > 0 <=> classified as the prompt
+    # margin > 0 <=> the reward classifier's top class is the requested digit
+    out["eval_accuracy"] = (rewards["margin"](images, prompts) > 0).float().mean().item()
     per_prompt = images.view(10, config.eval_per_class, -1)
     out["eval_diversity"] = torch.cdist(per_prompt, per_prompt).sum().item() / (10 * config.eval_per_class * max(config.eval_per_class - 1, 1))
     fresh = rollout(model, torch.arange(10, device=dev), config.eval_group, sigmas, config.noise_level, g)
@@ -212,7 +215,7 @@ def train(config: TrainConfig, resume: bool = False, model=None) -> dict:
     model = model if model is not None else load_flow_model(device=dev)
     model.requires_grad_(True)
     ref_model = load_flow_model(device=dev).requires_grad_(False) if config.beta > 0 else None
-    names = dict.fromkeys([config.reward, *config.eval_rewards])
+    names = dict.fromkeys([config.reward, "margin", *config.eval_rewards])  # margin gives the accuracy
     rewards = {n: get_reward(n, dev) for n in names}
     reward_fn = rewards[config.reward]
     sigmas = sigma_schedule(config.schedule.num_steps)

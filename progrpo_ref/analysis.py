@@ -1,0 +1,205 @@
+"""Measurements the notebooks report: clustering, proxy fidelity, selection bias, seed statistics.
+
+Everything here reads rollouts and training histories; nothing here trains.
+Shapes: ``[P, G]`` = prompts x group.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .grpo import group_advantages
+from .pro_grpo import PruneSchedule, expand_and_prune, record_previews
+from .rollout import rollout
+
+
+# ---------------------------------------------------------------- Observation 1: reward clustering
+@torch.no_grad()
+def group_rewards(model, reward_fn, prompts, group_size, sigmas, noise_level=0.7, seed=0) -> torch.Tensor:
+    """Final rewards ``[P, G]`` of one fresh, unselected SDE group per prompt ``[P]``."""
+    ro = rollout(model, prompts, group_size, sigmas, noise_level, torch.Generator().manual_seed(seed))
+    return reward_fn(ro.images.flatten(0, 1), ro.prompts.flatten()).view(len(prompts), group_size)
+
+
+def clustering_fraction(rewards: torch.Tensor, delta: float) -> float:
+    """Fraction of trajectories in the clustering region |A| <= delta (A standardised per group)."""
+    return (group_advantages(rewards, clip=math.inf).abs() <= delta).float().mean().item()
+
+
+def gaussian_clustering_fraction(delta: float) -> float:
+    """P(|Z| <= delta) for Z ~ N(0, 1): what a Gaussian group would give (0.197 at 0.25, 0.383 at 0.5)."""
+    return math.erf(delta / math.sqrt(2))
+
+
+def compute_vs_gradient_share(rewards: torch.Tensor, delta: float) -> dict:
+    """Clustered trajectories' share of the compute (every trajectory costs the same) against their
+    share of the summed |A|, the weight they carry in the gradient sum_g A_g grad log pi."""
+    A = group_advantages(rewards, clip=math.inf).abs()
+    clustered = A <= delta
+    return {"compute_share": clustered.float().mean().item(), "gradient_share": (A[clustered].sum() / A.sum()).item()}
+
+
+def subset_rewards(rewards: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The rewards of a subset ``keep`` ``[P, k]`` of each group ``[P, G]``."""
+    return rewards.gather(1, keep)
+
+
+# ---------------------------------------------------------------- proxy fidelity and selection bias
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation of each row of a and b ``[P, G]`` -> ``[P]`` (ties broken by order)."""
+    ra = a.argsort(1).argsort(1).double()
+    rb = b.argsort(1).argsort(1).double()
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+
+
+@torch.no_grad()
+def proxy_fidelity(model, reward_fn, prompts, group_size, sigmas, steps, noise_level=0.7, seed=0) -> dict:
+    """Mean and std over prompts of the within-group rank correlation between the preview reward at
+    each step and the final reward: ``{step: (mean, std)}``. One unpruned rollout."""
+    ro, proxies = record_previews(model, prompts, group_size, reward_fn, sigmas, steps, noise_level, torch.Generator().manual_seed(seed))
+    final = reward_fn(ro.images.flatten(0, 1), ro.prompts.flatten()).view(len(prompts), group_size)
+    out = {}
+    for c, proxy in sorted(proxies.items()):
+        rho = rank_correlation(proxy, final)
+        out[c] = (rho.mean().item(), rho.std().item())
+    return out
+
+
+@torch.no_grad()
+def selection_bias(model, reward_fn, prompts, schedule: PruneSchedule, sigmas, noise_level=0.7, seed=0) -> dict:
+    """Final rewards ``[P, K]`` of Expand-and-Prune survivors against an unselected group of the same
+    final size K from the same policy (different noise), to see what the selection does to the
+    distribution GRPO trains on."""
+    g = torch.Generator().manual_seed(seed)
+    ro = expand_and_prune(model, prompts, schedule, reward_fn, sigmas, noise_level, g)
+    survivors = reward_fn(ro.images.flatten(0, 1), ro.prompts.flatten()).view(len(prompts), -1)
+    plain = group_rewards(model, reward_fn, prompts, schedule.final_size, sigmas, noise_level, seed + 10_000)
+    return {"survivors": survivors, "unselected": plain}
+
+
+# ---------------------------------------------------------------- histories across seeds
+def curve(histories: list[dict], key: str, x: str = "update") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x ``[E]``, values ``[S, E]``) of an evaluation key across S seeded runs.
+
+    ``x`` is ``"update"``, ``"nfe"`` (cumulative network evaluations per prompt) or ``"seconds"``
+    (cumulative sampling + optimisation wall-clock, averaged over seeds)."""
+    vals = torch.tensor([[e[key] for e in h["evals"]] for h in histories])
+    upd = torch.tensor([e["update"] for e in histories[0]["evals"]])
+    if x == "update":
+        return upd.float(), vals
+    col = {"nfe": lambda r: r["nfe_per_prompt"], "seconds": lambda r: r["sampling_s"] + r["optimisation_s"]}[x]
+    cum = torch.tensor([[0.0] + list(torch.tensor([col(r) for r in h["updates"]]).cumsum(0).tolist()) for h in histories])
+    return cum[:, upd].mean(0), vals
+
+
+def final_value(histories: list[dict], key: str) -> torch.Tensor:
+    """The last evaluation's ``key`` of each seed ``[S]``."""
+    return torch.tensor([h["evals"][-1][key] for h in histories])
+
+
+def paired_difference(a: list[dict], b: list[dict], key: str) -> dict:
+    """Per-seed difference of final ``key`` between two arms run with the same seeds: mean, std over
+    seeds, and whether |mean| exceeds 2 standard errors (a rough paired test)."""
+    d = final_value(a, key) - final_value(b, key)
+    se = d.std() / math.sqrt(len(d)) if len(d) > 1 else torch.tensor(float("inf"))
+    return {"mean": d.mean().item(), "std": d.std().item() if len(d) > 1 else float("nan"),
+            "se": se.item(), "exceeds_2se": bool(d.mean().abs() > 2 * se)}
+
+
+def mean_cost(histories: list[dict]) -> dict:
+    """Per update, averaged over runs: NFE per prompt, sampling and optimisation seconds."""
+    rows = [r for h in histories for r in h["updates"]]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in ("nfe_per_prompt", "sampling_s", "optimisation_s")}
+
+
+# ---------------------------------------------------------------- sanity checks readers should know
+@torch.no_grad()
+def preview_images(model, prompts, sigmas, steps, noise_level=0.7, seed=0) -> dict:
+    """One SDE trajectory per prompt ``[P]``: its preview x0_hat ``[P, 1, 8, 8]`` after each network
+    call in ``steps``, and (key ``"final"``) the finished sample."""
+    previews = {}
+
+    def keep_preview(c, x0_hat, group_prompts):
+        previews[c] = x0_hat[:, 0].clone()
+        return None
+
+    ro = rollout(model, prompts, 1, sigmas, noise_level, torch.Generator().manual_seed(seed),
+                 preview_steps=tuple(steps), on_preview=keep_preview)
+    previews["final"] = ro.images[:, 0]
+    return previews
+
+
+@torch.no_grad()
+def on_policy_log_ratio(model, prompts, group_size, sigmas, noise_level=0.7, seed=0, splits=3) -> dict:
+    """Flow-GRPO's debugging check: re-score a rollout's steps with unchanged parameters.
+    Returns the largest |log r| with the rollout's batch composition and with ``splits`` mini-batches."""
+    from .grpo import step_log_prob
+
+    g = torch.Generator().manual_seed(seed)
+    ro = rollout(model, prompts, group_size, sigmas, noise_level, g)
+    lat, c, old = ro.latents.flatten(0, 1), ro.prompts.flatten(), ro.log_probs.flatten(0, 1)
+    same, split = 0.0, 0.0
+    for t in range(len(sigmas) - 1):
+        same = max(same, (step_log_prob(model, lat, c, sigmas, t, noise_level)[0] - old[:, t]).abs().max().item())
+        for mb in torch.randperm(len(c), generator=g).chunk(splits):
+            split = max(split, (step_log_prob(model, lat[mb], c[mb], sigmas, t, noise_level)[0] - old[mb, t]).abs().max().item())
+    return {"same_batch": same, "other_splits": split}
+
+
+@torch.no_grad()
+def reward_report(model, names, prompts, group_size, sigmas, noise_level=0.7, seed=0) -> list[dict]:
+    """For each reward: its mean and mean within-group std over one fresh group per prompt, the
+    clustering fractions at delta 0.25 / 0.5, and its value on held-out real digits, a blank image
+    (all -1) and Gaussian noise. Also returns the pooled rewards (key ``"rewards"``, ``[P, G]``)."""
+    from .data import load_split
+    from .rewards import get_reward
+
+    ro = rollout(model, prompts, group_size, sigmas, noise_level, torch.Generator().manual_seed(seed))
+    images, c = ro.images.flatten(0, 1), ro.prompts.flatten()
+    x, y = load_split("heldout")
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    rows = []
+    for name in names:
+        fn = get_reward(name)
+        R = fn(images, c).view(len(prompts), group_size)
+        rows.append({
+            "reward": name, "mean": R.mean().item(), "within_std": R.std(1, unbiased=False).mean().item(),
+            "cluster_0.25": clustering_fraction(R, 0.25), "cluster_0.5": clustering_fraction(R, 0.5),
+            "real": fn(x, y).mean().item(), "blank": fn(-torch.ones_like(x), y).mean().item(),
+            "noise": fn(noise, y).mean().item(), "rewards": R,
+        })
+    return rows
+
+
+def standardized_moments(rewards: torch.Tensor) -> dict:
+    """Skewness and excess kurtosis of the per-group standardised rewards A, pooled (0 and 0 for a Gaussian)."""
+    A = group_advantages(rewards, clip=math.inf).flatten().double()
+    return {"skew": (A**3).mean().item(), "excess_kurtosis": (A**4).mean().item() - 3.0}
+
+
+def seed_table(results: dict, names, base: str, keys=("eval_margin", "eval_margin_heldout", "fresh_reward_std", "eval_diversity")) -> str:
+    """A text table: final value of each key (mean +- std over seeds) per arm, and the paired
+    difference in ``keys[0]`` against ``base`` over the seeds both arms share. results: {arm: [history]}."""
+    lines = [f"{'arm':12s} " + " ".join(f"{k:>22s}" for k in keys) + f"   diff in {keys[0]} vs {base} (paired)"]
+    for n in names:
+        cells = []
+        for k in keys:
+            v = final_value(results[n], k)
+            cells.append(f"{v.mean():10.2f} +- {v.std() if len(v) > 1 else float('nan'):5.2f}    ")
+        line = f"{n:12s} " + " ".join(f"{c:>22s}" for c in cells)
+        if n != base:
+            seeds = {h["config"]["seed"] for h in results[n]}
+            d = paired_difference(results[n], [h for h in results[base] if h["config"]["seed"] in seeds], keys[0])
+            line += f"   {d['mean']:+.2f} +- {d['std']:.2f} (se {d['se']:.2f}) {'> 2 se' if d['exceeds_2se'] else 'within 2 se'}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def verdict(diff: dict, paper_sign: int = 1) -> str:
+    """Compare a paired difference (``paired_difference``) with the sign the paper reports."""
+    same = (diff["mean"] > 0) == (paper_sign > 0)
+    if diff["exceeds_2se"]:
+        return "agrees" if same else "disagrees"
+    return "same direction, within noise" if same else "opposite direction, within noise"

@@ -1,0 +1,42 @@
+"""Run many training configs (arms x seeds), in parallel worker processes, with a progress bar.
+
+Each worker runs with ``threads_per_worker`` torch threads, so results are bit-identical to a
+serial run with the same thread count. Workers are spawned (not forked) for safety with torch.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+import multiprocessing as mp
+
+from tqdm.auto import tqdm
+
+from .trainer import TrainConfig, train
+
+
+def _run(config: TrainConfig, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    return train(config)
+
+
+def run_many(configs: dict, workers: int | None = None, threads_per_worker: int = 1, desc: str = "runs") -> dict:
+    """Train every ``{name: TrainConfig}``; returns ``{name: history}``. ``workers`` defaults to the
+    number of CPU cores (at most 2 here)."""
+    workers = workers or min(len(configs), os.cpu_count() or 1)
+    configs = {k: _quiet(c) for k, c in configs.items()}
+    if workers <= 1:
+        return {k: _run(c, threads_per_worker) for k, c in tqdm(configs.items(), desc=desc)}
+    out = {}
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run, c, threads_per_worker): k for k, c in configs.items()}
+        for f in tqdm(as_completed(futures), total=len(futures), desc=desc):
+            out[futures[f]] = f.result()
+    return {k: out[k] for k in configs}
+
+
+def _quiet(config: TrainConfig) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(config, progress=False)
