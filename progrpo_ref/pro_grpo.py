@@ -72,6 +72,7 @@ def expand_and_prune(
     noise_level: float = 0.7,
     generator: torch.Generator | None = None,
     strategy: str = "ovf",
+    latent_shape: tuple[int, ...] = (1, 8, 8),
 ) -> Rollout:
     """Roll out ``schedule.group_sizes[0]`` trajectories per prompt ``[P]`` and prune them by OVF on
     preview rewards at each prune step. Returns the survivors (K = final size) with ``previews``:
@@ -90,7 +91,7 @@ def expand_and_prune(
         return keep
 
     out = rollout(model, prompts, schedule.group_sizes[0], sigmas, noise_level, generator,
-                  preview_steps=schedule.prune_steps, on_preview=prune)
+                  preview_steps=schedule.prune_steps, on_preview=prune, latent_shape=latent_shape)
     out.previews = records
     return out
 

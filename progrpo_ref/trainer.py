@@ -93,6 +93,8 @@ class TrainConfig:
     """seed of the evaluation's noise: the same for every arm and run"""
     device: str = "cpu"
     """torch device"""
+    latent_shape: tuple[int, ...] = (1, 8, 8)
+    """[C, H, W] of the model's latents (SD3.5-M at 512 px: (16, 64, 64))"""
     checkpoint_path: str | None = None
     """save model, optimizer, RNG and history here (resume with train(config, resume=True))"""
     checkpoint_every: int = 0
@@ -193,9 +195,11 @@ def sample_group(model, config: TrainConfig, reward_fn, sigmas, generator):
     """One update's rollout, final rewards and static selection: (trained rollout, R [P, K], nfe)."""
     prompts = torch.randint(10, (config.prompts_per_update,), generator=generator).to(config.device)
     if len(config.schedule.group_sizes) > 1:
-        ro = expand_and_prune(model, prompts, config.schedule, reward_fn, sigmas, config.noise_level, generator, config.prune_strategy)
+        ro = expand_and_prune(model, prompts, config.schedule, reward_fn, sigmas, config.noise_level, generator,
+                              config.prune_strategy, config.latent_shape)
     else:
-        ro = rollout(model, prompts, config.schedule.group_sizes[0], sigmas, config.noise_level, generator)
+        ro = rollout(model, prompts, config.schedule.group_sizes[0], sigmas, config.noise_level, generator,
+                     latent_shape=config.latent_shape)
     P, K = ro.prompts.shape
     R = reward_fn(ro.images.flatten(0, 1), ro.prompts.flatten()).view(P, K)
     if config.selection != "all":

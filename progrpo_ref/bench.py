@@ -1,0 +1,339 @@
+"""Benchmark: what one training epoch of each arm costs, measured, next to what a cost model predicts.
+
+    python -m progrpo_ref.bench                 # default: 5 interleaved repeats, medians (a few minutes)
+    python -m progrpo_ref.bench --quick         # under a minute on 2 CPU cores
+    python -m progrpo_ref.bench --json out.json --markdown out.md
+    python -m progrpo_ref.bench --device cuda --bf16 [--sd35]    # on a GPU; --sd35: SD3.5-Medium size, 512 px
+
+Arms (same prompts and seeds): Flow-GRPO G = 24, static OVF 24 -> 12, Pro-GRPO Standard 48 -> 24 -> 12,
+Pro-GRPO Flash 24 -> 16 -> 12. Each (arm, repeat) runs in its own subprocess, so its peak memory is
+its own; arms are interleaved (the order rotates every repeat) and medians are reported.
+
+The cost model: a separate calibration pass times, at every batch size an arm actually uses, one
+sampling step f(B) (denoiser forward + SDE step), one trained step g(B) (re-scored log-prob, clipped
+loss, backward), one reward call r(B) (previews and final rewards), and one optimizer step o.
+Predicted per update: sampling = sum over funnel segments of steps x f(P G_i) + sum over prune steps
+r(P G_i) + r(P G_final); optimisation = minibatches x (trained steps x g(P K / minibatches) + o). Per-sample cost falls with batch size
+on a CPU, so the model uses the measured f(B), not NFE alone. ``flop_ratio`` is the batch-size-blind count
+(NFE + 3 x trained trajectory-steps, a backward costing about twice a forward), the paper's kind of ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ARMS = ["flow_grpo", "ovf", "standard", "flash"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- building the pieces for a device
+def build(device: str, bf16: bool, sd35: bool, sd35_layers: int | None = None):
+    """(model, reward_fn, latent_shape) for the tiny model or an SD3.5-Medium-size random model."""
+    dtype = torch.bfloat16 if bf16 else None
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if sd35:
+        from .sd3_adapter import DecodeAndScore, random_sd35_medium
+
+        over = {} if sd35_layers is None else dict(num_layers=sd35_layers, dual_attention_layers=tuple(range(min(sd35_layers, 13))))
+        return random_sd35_medium(device, autocast_dtype=dtype, **over), DecodeAndScore(device, dtype), (16, 64, 64)
+    from .model import load_flow_model
+    from .rewards import get_reward
+
+    model = load_flow_model(device=device)
+    if dtype is not None:
+        model = _Autocast(model, dtype)
+    return model, get_reward("margin", device), (1, 8, 8)
+
+
+class _Autocast(torch.nn.Module):
+    """Run a velocity model under autocast; return fp32 (the SDE math stays fp32)."""
+
+    def __init__(self, model, dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x, sigma, prompts):
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.model(x, sigma, prompts).float()
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_mb(device) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class _CountingReward:
+    def __init__(self, fn):
+        self.fn, self.samples = fn, 0
+
+    def __call__(self, images, prompts):
+        self.samples += len(images)
+        return self.fn(images, prompts)
+
+
+# ---------------------------------------------------------------- one epoch of one arm (subprocess)
+def run_epoch(arm, device, bf16, sd35, sd35_layers, prompts, updates, warmup, seed) -> dict:
+    from .grpo import group_advantages
+    from .model import sigma_schedule
+    from .rollout import NFECounter
+    from .trainer import arm_config, optimise, sample_group
+
+    model, reward_fn, shape = build(device, bf16, sd35, sd35_layers)
+    cfg = arm_config(arm, prompts_per_update=prompts, device=device, seed=seed, latent_shape=shape, progress=False)
+    sigmas = sigma_schedule(cfg.schedule.num_steps)
+    counter, reward = NFECounter(model), _CountingReward(reward_fn)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(seed)
+    totals = dict(sampling_s=0.0, optimisation_s=0.0, nfe=0, reward_samples=0, final_samples=0)
+    for u in range(warmup + updates):
+        if u == warmup:
+            counter.nfe, reward.samples = 0, 0
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+        _sync(device); t0 = time.perf_counter()
+        ro, R = sample_group(counter, cfg, reward, sigmas, gen)
+        _sync(device); t1 = time.perf_counter()
+        optimise(model, None, optimizer, ro, group_advantages(R, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
+        _sync(device); t2 = time.perf_counter()
+        if u >= warmup:
+            totals["sampling_s"] += t1 - t0
+            totals["optimisation_s"] += t2 - t1
+            totals["final_samples"] += cfg.prompts_per_update * cfg.schedule.final_size
+    n = prompts * updates
+    return {"method": arm, "nfe_per_prompt": counter.nfe / n,
+            "preview_evals_per_prompt": (reward.samples - totals["final_samples"]) / n,
+            "trained_per_prompt": cfg.trained_group_size,
+            "sampling_s": totals["sampling_s"], "optimisation_s": totals["optimisation_s"],
+            "total_s": totals["sampling_s"] + totals["optimisation_s"], "peak_mem_mb": _peak_mb(device)}
+
+
+# ---------------------------------------------------------------- calibration for the cost model (subprocess)
+def _median_time(fn, device, reps):
+    fn(); _sync(device)
+    times = []
+    for _ in range(reps):
+        _sync(device); t = time.perf_counter(); fn(); _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def calibrate(device, bf16, sd35, sd35_layers, prompts, reps) -> dict:
+    """Seconds, at each batch size B an arm uses: f(B) one sampling step (forward + SDE step),
+    r(B) one reward call, g(B) one trained step (re-scored log-prob, clipped loss, backward); and o,
+    one optimizer step (gradient clip + Adam step + zero_grad), which does not depend on B."""
+    from .grpo import clipped_policy_loss, step_log_prob
+    from .model import sigma_schedule
+    from .sde import sde_step_with_logprob
+    from .trainer import arm_config
+
+    model, reward_fn, shape = build(device, bf16, sd35, sd35_layers)
+    sigmas = sigma_schedule(10)
+    plans = {arm: arm_config(arm, prompts_per_update=prompts) for arm in ARMS}
+    fwd_sizes = sorted({prompts * g for c in plans.values() for g in c.schedule.group_sizes})
+    opt_sizes = sorted({prompts * c.trained_group_size // c.num_minibatches for c in plans.values()})
+    out = {"f": {}, "g": {}, "r": {}}
+    for B in fwd_sizes:
+        x, c = torch.randn(B, *shape, device=device), torch.randint(10, (B,), device=device)
+
+        def sampling_step():
+            with torch.no_grad():
+                v = model(x, sigmas[3].to(device).expand(B), c)
+                sde_step_with_logprob(v, x, sigmas[3], sigmas[4], 0.7)
+        out["f"][str(B)] = _median_time(sampling_step, device, reps)  # JSON keys are strings
+        out["r"][str(B)] = _median_time(lambda: reward_fn(x, c), device, reps)
+    for B in opt_sizes:
+        lat, c = torch.randn(B, 11, *shape, device=device), torch.randint(10, (B,), device=device)
+        old, adv = torch.zeros(B, device=device), torch.randn(B, device=device)
+
+        def trained_step():
+            lp, _, _ = step_log_prob(model, lat, c, sigmas, 3, 0.7)
+            clipped_policy_loss(lp, old, adv, 1e-3)[0].mean().backward()
+        out["g"][str(B)] = _median_time(trained_step, device, reps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def optimizer_step():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    out["o"] = _median_time(optimizer_step, device, reps)
+    return out
+
+
+def predict(arm: str, cal: dict, prompts: int, updates: int) -> dict:
+    from .trainer import arm_config
+
+    cfg = arm_config(arm, prompts_per_update=prompts)
+    s = cfg.schedule
+    bounds = (0, *s.prune_steps, s.num_steps)
+    f, r, g = (lambda B, k=k: cal[k][str(B)] for k in ("f", "r", "g"))  # JSON keys are strings
+    sampling = sum((b - a) * f(prompts * G) for G, a, b in zip(s.group_sizes, bounds, bounds[1:]))
+    sampling += sum(r(prompts * G) for G in s.group_sizes[:-1]) + r(prompts * s.final_size)
+    mb = prompts * cfg.trained_group_size // cfg.num_minibatches
+    optimisation = cfg.num_minibatches * (s.num_steps * g(mb) + cal["o"])
+    flops = s.nfe() + 3 * cfg.trained_group_size * s.num_steps
+    return {"sampling_s": updates * sampling, "optimisation_s": updates * optimisation,
+            "total_s": updates * (sampling + optimisation), "flop_units": flops}
+
+
+# ---------------------------------------------------------------- scaling of sampling cost
+def scaling(device, bf16, prompts=4, reps=3) -> dict:
+    """Median seconds of one rollout (sampling only) for G in (24, 48, 96) at T = 10 and T in (10, 20, 40) at G = 24."""
+    from .model import sigma_schedule
+    from .rollout import rollout
+
+    model, _, shape = build(device, bf16, False)
+    p = torch.arange(prompts, device=device) % 10
+    res = {"group": {}, "steps": {}}
+    for G in (24, 48, 96):
+        res["group"][G] = _median_time(lambda: rollout(model, p, G, sigma_schedule(10), 0.7, latent_shape=shape), device, reps)
+    for T in (10, 20, 40):
+        res["steps"][T] = _median_time(lambda: rollout(model, p, 24, sigma_schedule(T), 0.7, latent_shape=shape), device, reps)
+    return res
+
+
+def plot_scaling(res: dict, path: Path, device_name: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, xlabel in ((axes[0], "group", "group size G (T = 10)"), (axes[1], "steps", "sampling steps T (G = 24)")):
+        xs = [int(k) for k in res[key]]
+        ys = [res[key][k] * 1000 for k in res[key]]
+        ax.plot(xs, ys, "o-", label="measured")
+        ax.plot(xs, [ys[0] * x / xs[0] for x in xs], "k:", label="linear from the first point")
+        ax.set(xlabel=xlabel, ylabel="ms per rollout (4 prompts)", xticks=xs)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Sampling cost of the tiny model, {device_name}, median of 3")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------- driver
+def _subprocess(task: dict, threads: int) -> dict:
+    code = f"import json, torch; torch.set_num_threads({threads}); from progrpo_ref import bench; print('RESULT' + json.dumps(bench._task({task!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    if out.returncode:
+        raise RuntimeError(f"benchmark subprocess failed:\n{out.stderr[-3000:]}")
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+def _task(task: dict) -> dict:
+    kind = task.pop("kind")
+    return {"epoch": run_epoch, "calibrate": calibrate}[kind](**task)
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    cols = ["method", "nfe_per_prompt", "preview_evals_per_prompt", "trained_per_prompt", "sampling_s", "optimisation_s",
+            "total_s", "peak_mem_mb", "sampling_ratio", "optimisation_ratio", "total_ratio", "model_ratio", "flop_ratio"]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and abs(v) < 100 else (f"{v:.0f}" if isinstance(v, float) else str(v))
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 repeat of 1 update per arm, fewer calibration reps")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats per arm (medians reported)")
+    ap.add_argument("--updates", type=int, default=3, help="timed updates per epoch (after one warm-up update)")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per update")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the policy (SDE math stays fp32)")
+    ap.add_argument("--sd35", action="store_true", help="a random SD3.5-Medium-size transformer at 512 px latents")
+    ap.add_argument("--sd35-layers", type=int, default=None, help="fewer transformer layers (smoke tests only)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in each subprocess")
+    ap.add_argument("--json", type=Path, help="write the per-arm results as a JSON list")
+    ap.add_argument("--markdown", type=Path, help="write the Markdown table here too")
+    ap.add_argument("--scaling", type=Path, help="also time sampling against G and T and save the plot here")
+    ap.add_argument("--scaling-only", action="store_true", help="only the scaling plot (to --scaling or figures/)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    repeats, updates, reps = (1, 1, 3) if args.quick else (args.repeats, args.updates, 7)
+    common = dict(device=args.device, bf16=args.bf16, sd35=args.sd35, sd35_layers=args.sd35_layers)
+    name = device_name(args.device)
+
+    if args.scaling or args.scaling_only:
+        path = args.scaling or REPO / "figures" / "bench_scaling.png"
+        res = scaling(args.device, args.bf16)
+        plot_scaling(res, path, name)
+        g, t = res["group"], res["steps"]
+        print(f"sampling scaling ({name}): G 24 -> 48 -> 96: {g[24] * 1e3:.0f} -> {g[48] * 1e3:.0f} -> {g[96] * 1e3:.0f} ms "
+              f"({g[96] / g[24]:.2f}x for 4x the trajectories); T 10 -> 20 -> 40: {t[10] * 1e3:.0f} -> {t[20] * 1e3:.0f} -> "
+              f"{t[40] * 1e3:.0f} ms ({t[40] / t[10]:.2f}x for 4x the steps); plot: {path}")
+        if args.scaling_only:
+            return
+
+    runs = {arm: [] for arm in ARMS}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=repeats * len(ARMS) + 1, desc="bench")
+    for rep in range(repeats):
+        order = ARMS[rep % len(ARMS):] + ARMS[:rep % len(ARMS)]  # interleave, rotating the order
+        for arm in order:
+            runs[arm].append(_subprocess(dict(kind="epoch", arm=arm, prompts=args.prompts, updates=updates, warmup=1, seed=0, **common), args.threads))
+            bar.update()
+    cal = _subprocess(dict(kind="calibrate", prompts=args.prompts, reps=reps, **common), args.threads)
+    bar.update(); bar.close()
+
+    med = lambda arm, key: statistics.median(r[key] for r in runs[arm])
+    pred = {arm: predict(arm, cal, args.prompts, updates) for arm in ARMS}
+    rows = []
+    for arm in ARMS:
+        row = {k: runs[arm][0][k] for k in ("method", "nfe_per_prompt", "preview_evals_per_prompt", "trained_per_prompt")}
+        row |= {k: med(arm, k) for k in ("sampling_s", "optimisation_s", "total_s", "peak_mem_mb")}
+        for k in ("sampling", "optimisation", "total"):
+            row[f"{k}_ratio"] = row[f"{k}_s"] / med("flow_grpo", f"{k}_s")
+        row["model_ratio"] = pred[arm]["total_s"] / pred["flow_grpo"]["total_s"]
+        row["model_sampling_ratio"] = pred[arm]["sampling_s"] / pred["flow_grpo"]["sampling_s"]
+        row["model_optimisation_ratio"] = pred[arm]["optimisation_s"] / pred["flow_grpo"]["optimisation_s"]
+        row["flop_ratio"] = pred[arm]["flop_units"] / pred["flow_grpo"]["flop_units"]
+        row["repeats"] = repeats
+        rows.append(row)
+    header = (f"{'SD3.5-Medium-size random transformer, 512 px' if args.sd35 else 'tiny SD3 flow model'}, {name}, "
+              f"{args.prompts} prompts x {updates} updates per epoch, median of {repeats} interleaved repeats"
+              f"{', bf16 autocast' if args.bf16 else ''}; {time.strftime('%Y-%m-%d')}")
+    table = markdown(rows, header)
+    print(table)
+    print()
+    for r in rows[1:]:
+        gap = r["total_ratio"] / r["model_ratio"] - 1
+        print(f"{r['method']:10s} measured total ratio {r['total_ratio']:.3f}, predicted {r['model_ratio']:.3f} "
+              f"({gap:+.1%}); sampling {r['sampling_ratio']:.3f} vs {r['model_sampling_ratio']:.3f}, "
+              f"optimisation {r['optimisation_ratio']:.3f} vs {r['model_optimisation_ratio']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Analysis helpers against brute-force computations; the benchmark's measured counts; the SD3 adapter."""
+import json
+import math
+
+import pytest
+import torch
+
+from progrpo_ref.analysis import (clustering_fraction, compute_vs_gradient_share, curve, gaussian_clustering_fraction,
+                                  paired_difference, rank_correlation, standardized_moments, verdict)
+
+
+def test_rank_correlation_matches_pearson_of_ranks():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 24, generator=g), torch.randn(5, 24, generator=g)
+    rho = rank_correlation(a, b)
+    for p in range(5):
+        ra, rb = a[p].argsort().argsort().double(), b[p].argsort().argsort().double()
+        n = 24
+        d2 = ((ra - rb) ** 2).sum()
+        assert rho[p].item() == pytest.approx(1 - 6 * d2.item() / (n * (n * n - 1)), abs=1e-9)  # Spearman's formula
+    assert torch.allclose(rank_correlation(a, a * 3 + 1), torch.ones(5, dtype=torch.float64))
+    assert torch.allclose(rank_correlation(a, -a), -torch.ones(5, dtype=torch.float64))
+
+
+def test_clustering_fraction_and_gaussian_reference():
+    R = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -10.0, 10.0]])
+    # mean 0, population std sqrt(200 / 8) = 5: A = 0 for six, +-2 for two
+    assert clustering_fraction(R, 0.5) == pytest.approx(6 / 8)
+    share = compute_vs_gradient_share(R, 0.5)
+    assert share["compute_share"] == pytest.approx(0.75) and share["gradient_share"] == pytest.approx(0.0)
+    assert gaussian_clustering_fraction(0.5) == pytest.approx(0.3829, abs=1e-4)
+    big = torch.randn(400, 24, generator=torch.Generator().manual_seed(0))
+    assert clustering_fraction(big, 0.5) == pytest.approx(gaussian_clustering_fraction(0.5), abs=0.02)
+    m = standardized_moments(big)
+    assert abs(m["skew"]) < 0.1 and abs(m["excess_kurtosis"]) < 0.3
+
+
+def _hist(seed, finals, nfe=240):
+    evals = [{"update": 0, "x": 0.0}] + [{"update": 2 * (i + 1), "x": v} for i, v in enumerate(finals)]
+    ups = [{"nfe_per_prompt": nfe, "sampling_s": 0.1, "optimisation_s": 0.2}] * (2 * len(finals))
+    return {"config": {"seed": seed, "arm": "a"}, "evals": evals, "updates": ups}
+
+
+def test_curve_and_paired_difference():
+    a = [_hist(s, [1.0, 2.0 + s]) for s in range(4)]
+    b = [_hist(s, [1.0, 1.0 + s]) for s in range(4)]
+    xs, vals = curve(a, "x")
+    assert xs.tolist() == [0, 2, 4] and vals.shape == (4, 3)
+    xn, _ = curve(a, "x", x="nfe")
+    assert xn.tolist() == [0, 480, 960]
+    d = paired_difference(a, b, "x")
+    assert d["mean"] == pytest.approx(1.0) and d["std"] == pytest.approx(0.0) and d["exceeds_2se"]
+    assert verdict(d, +1) == "agrees" and verdict(d, -1) == "disagrees"
+    noisy = paired_difference([_hist(s, [float(s % 2)]) for s in range(4)], [_hist(s, [0.25]) for s in range(4)], "x")
+    assert not noisy["exceeds_2se"] and verdict(noisy, +1) == "same direction, within noise"
+
+
+def test_quick_profile_never_writes_to_figures(monkeypatch):
+    from progrpo_ref import plots
+
+    monkeypatch.setenv(plots.PROFILE_ENV, "quick")
+    assert plots.current_profile() == "quick"
+    assert plots.figure_dir("quick") != plots.REPO_FIGURES
+    monkeypatch.setenv(plots.PROFILE_ENV, "fast")
+    with pytest.raises(ValueError, match="'fast' must be 'quick' or 'full'"):
+        plots.current_profile()
+
+
+def test_sd3_adapter_drives_the_core_with_16_channel_latents():
+    from progrpo_ref.model import sigma_schedule
+    from progrpo_ref.pro_grpo import PruneSchedule, expand_and_prune
+    from progrpo_ref.sd3_adapter import DecodeAndScore, random_sd35_medium
+
+    model = random_sd35_medium(num_layers=1, dual_attention_layers=(0,), num_attention_heads=2, attention_head_dim=16,
+                               caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=16)
+    reward = DecodeAndScore(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    ro = expand_and_prune(model, torch.tensor([0, 1]), PruneSchedule((4, 2), (2,), 4), reward, sigma_schedule(4),
+                          latent_shape=(16, 8, 8))
+    assert ro.latents.shape == (2, 2, 5, 16, 8, 8) and ro.nfe == 2 * (4 * 2 + 2 * 2)
+    assert torch.isfinite(ro.log_probs).all()
+
+
+def test_benchmark_measures_the_schedules_nfe(tmp_path):
+    from progrpo_ref import bench
+
+    out = tmp_path / "bench.json"
+    bench.main(["--quick", "--threads", "1", "--json", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())}
+    assert {m: r["nfe_per_prompt"] for m, r in rows.items()} == {"flow_grpo": 240, "ovf": 240, "standard": 324, "flash": 188}
+    assert {m: r["preview_evals_per_prompt"] for m, r in rows.items()} == {"flow_grpo": 0, "ovf": 0, "standard": 72, "flash": 40}
+    assert {m: r["trained_per_prompt"] for m, r in rows.items()} == {"flow_grpo": 24, "ovf": 12, "standard": 12, "flash": 12}
+    for r in rows.values():
+        assert r["total_s"] == pytest.approx(r["sampling_s"] + r["optimisation_s"])
+        assert math.isfinite(r["model_ratio"]) and r["peak_mem_mb"] > 0
+    assert rows["standard"]["flop_ratio"] == pytest.approx((324 + 3 * 120) / (240 + 3 * 240))
