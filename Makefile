@@ -24,19 +24,21 @@ test: venv
 	$(PY) -m pytest -q tests
 	$(if $(NOTEBOOKS),PROGRPO_PROFILE=quick $(PY) -m pytest -q --nbval-lax $(NOTEBOOKS))
 
-# Re-execute every notebook in order, in place, in the full profile; they rewrite figures/.
+# Re-execute every notebook in order, in place, in the full profile (they rewrite figures/),
+# then the benchmark (figures/bench_cpu.{md,json}, figures/bench_scaling.png). About 35 minutes on 2 cores.
 reproduce: venv
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \
 	  PROGRPO_PROFILE=full $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=-1 "$$nb" || exit 1; \
 	done
+	$(MAKE) bench
 
 lab: venv
 	$(PY) -m jupyter lab notebooks/
 
 bench: venv
-	$(PY) -m progrpo_ref.bench
+	$(PY) -m progrpo_ref.bench --json figures/bench_cpu.json --markdown figures/bench_cpu.md --scaling figures/bench_scaling.png
 
 # Regenerate the committed checkpoints (classifiers + flow model), about 2 minutes on 2 cores.
 pretrain: venv

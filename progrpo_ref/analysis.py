@@ -80,18 +80,16 @@ def selection_bias(model, reward_fn, prompts, schedule: PruneSchedule, sigmas, n
 
 
 # ---------------------------------------------------------------- histories across seeds
-def curve(histories: list[dict], key: str, x: str = "update") -> tuple[torch.Tensor, torch.Tensor]:
+def curve(histories: list[dict], key: str, x: str = "update", seconds_per_update: float | None = None):
     """(x ``[E]``, values ``[S, E]``) of an evaluation key across S seeded runs.
 
     ``x`` is ``"update"``, ``"nfe"`` (cumulative network evaluations per prompt) or ``"seconds"``
-    (cumulative sampling + optimisation wall-clock, averaged over seeds)."""
+    (cumulative sampling + optimisation seconds, averaged over seeds; with ``seconds_per_update`` the
+    cost is that clean, separately measured figure times the update, instead of the runs' own timings,
+    which are noisy when runs share the cores)."""
     vals = torch.tensor([[e[key] for e in h["evals"]] for h in histories])
-    upd = torch.tensor([e["update"] for e in histories[0]["evals"]])
-    if x == "update":
-        return upd.float(), vals
-    col = {"nfe": lambda r: r["nfe_per_prompt"], "seconds": lambda r: r["sampling_s"] + r["optimisation_s"]}[x]
-    cum = torch.tensor([[0.0] + list(torch.tensor([col(r) for r in h["updates"]]).cumsum(0).tolist()) for h in histories])
-    return cum[:, upd].mean(0), vals
+    xs = torch.tensor([_cumulative(h, x, seconds_per_update)[0] for h in histories]).mean(0)
+    return xs, vals
 
 
 def final_value(histories: list[dict], key: str) -> torch.Tensor:
@@ -203,3 +201,40 @@ def verdict(diff: dict, paper_sign: int = 1) -> str:
     if diff["exceeds_2se"]:
         return "agrees" if same else "disagrees"
     return "same direction, within noise" if same else "opposite direction, within noise"
+
+
+def _cumulative(h: dict, x: str, seconds_per_update: float | None = None) -> tuple[list[float], list[dict]]:
+    """Cumulative cost at each evaluation of a run, and the evaluations."""
+    if x == "update" or (x == "seconds" and seconds_per_update is not None):
+        scale = 1.0 if x == "update" else seconds_per_update
+        return [scale * e["update"] for e in h["evals"]], h["evals"]
+    col = {"nfe": lambda r: r["nfe_per_prompt"], "seconds": lambda r: r["sampling_s"] + r["optimisation_s"]}[x]
+    cum = [0.0]
+    for r in h["updates"]:
+        cum.append(cum[-1] + col(r))
+    return [cum[e["update"]] for e in h["evals"]], h["evals"]
+
+
+def _interp(xs: list[float], ys: list[float], at: float) -> float:
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 <= at <= x1:
+            return y0 + (y1 - y0) * (at - x0) / (x1 - x0) if x1 > x0 else y1
+    raise ValueError(f"budget {at} is outside the evaluated range [{xs[0]}, {xs[-1]}]")
+
+
+def equal_compute_difference(a: list[dict], b: list[dict], key: str, x: str = "nfe", seconds_per_update=(None, None)) -> dict:
+    """Paired difference a - b in ``key`` at equal compute: for each shared seed, both runs' evaluation
+    curves are linearly interpolated at the smaller of their two final budgets (cumulative ``x``:
+    ``"nfe"`` per prompt or ``"seconds"``, see ``curve``; ``seconds_per_update`` is a pair for a and b).
+    Same fields as ``paired_difference``."""
+    by_seed = {h["config"]["seed"]: h for h in b}
+    diffs = []
+    for ha in a:
+        hb = by_seed[ha["config"]["seed"]]
+        (xa, ea), (xb, eb) = _cumulative(ha, x, seconds_per_update[0]), _cumulative(hb, x, seconds_per_update[1])
+        budget = min(xa[-1], xb[-1])
+        diffs.append(_interp(xa, [e[key] for e in ea], budget) - _interp(xb, [e[key] for e in eb], budget))
+    d = torch.tensor(diffs)
+    se = d.std() / math.sqrt(len(d)) if len(d) > 1 else torch.tensor(float("inf"))
+    return {"mean": d.mean().item(), "std": d.std().item() if len(d) > 1 else float("nan"),
+            "se": se.item(), "exceeds_2se": bool(d.mean().abs() > 2 * se)}

@@ -7,7 +7,9 @@
 
 Arms (same prompts and seeds): Flow-GRPO G = 24, static OVF 24 -> 12, Pro-GRPO Standard 48 -> 24 -> 12,
 Pro-GRPO Flash 24 -> 16 -> 12. Each (arm, repeat) runs in its own subprocess, so its peak memory is
-its own; arms are interleaved (the order rotates every repeat) and medians are reported.
+its own; arms are interleaved (the order rotates every repeat). Seconds are medians over repeats;
+ratios are medians of per-repeat ratios to Flow-GRPO (arms of one repeat ran minutes apart, so a
+slow spell of the shared machine hits both sides of a ratio).
 
 The cost model: a separate calibration pass times, at every batch size an arm actually uses, one
 sampling step f(B) (denoiser forward + SDE step), one trained step g(B) (re-scored log-prob, clipped
@@ -193,7 +195,7 @@ def predict(arm: str, cal: dict, prompts: int, updates: int) -> dict:
 
 
 # ---------------------------------------------------------------- scaling of sampling cost
-def scaling(device, bf16, prompts=4, reps=3) -> dict:
+def scaling(device, bf16, prompts=4, reps=5) -> dict:
     """Median seconds of one rollout (sampling only) for G in (24, 48, 96) at T = 10 and T in (10, 20, 40) at G = 24."""
     from .model import sigma_schedule
     from .rollout import rollout
@@ -223,7 +225,7 @@ def plot_scaling(res: dict, path: Path, device_name: str):
         ax.set(xlabel=xlabel, ylabel="ms per rollout (4 prompts)", xticks=xs)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Sampling cost of the tiny model, {device_name}, median of 3")
+    fig.suptitle(f"Sampling cost of the tiny model, {device_name}, median of 5")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -263,8 +265,8 @@ def markdown(rows: list[dict], header: str) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 repeat of 1 update per arm, fewer calibration reps")
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats per arm (medians reported)")
-    ap.add_argument("--updates", type=int, default=3, help="timed updates per epoch (after one warm-up update)")
+    ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats per arm (medians reported)")
+    ap.add_argument("--updates", type=int, default=5, help="timed updates per epoch (after one warm-up update)")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per update")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the policy (SDE math stays fp32)")
@@ -310,8 +312,11 @@ def main(argv=None):
     for arm in ARMS:
         row = {k: runs[arm][0][k] for k in ("method", "nfe_per_prompt", "preview_evals_per_prompt", "trained_per_prompt")}
         row |= {k: med(arm, k) for k in ("sampling_s", "optimisation_s", "total_s", "peak_mem_mb")}
-        for k in ("sampling", "optimisation", "total"):
-            row[f"{k}_ratio"] = row[f"{k}_s"] / med("flow_grpo", f"{k}_s")
+        for k in ("sampling", "optimisation", "total"):  # median of ratios paired by repeat (same time slot)
+            paired = [a[f"{k}_s"] / b[f"{k}_s"] for a, b in zip(runs[arm], runs["flow_grpo"])]
+            row[f"{k}_ratio"] = statistics.median(paired)
+            row[f"{k}_ratio_range"] = [min(paired), max(paired)]
+        row["total_s_all"] = [r["total_s"] for r in runs[arm]]
         row["model_ratio"] = pred[arm]["total_s"] / pred["flow_grpo"]["total_s"]
         row["model_sampling_ratio"] = pred[arm]["sampling_s"] / pred["flow_grpo"]["sampling_s"]
         row["model_optimisation_ratio"] = pred[arm]["optimisation_s"] / pred["flow_grpo"]["optimisation_s"]
@@ -326,7 +331,8 @@ def main(argv=None):
     print()
     for r in rows[1:]:
         gap = r["total_ratio"] / r["model_ratio"] - 1
-        print(f"{r['method']:10s} measured total ratio {r['total_ratio']:.3f}, predicted {r['model_ratio']:.3f} "
+        lo, hi = r["total_ratio_range"]
+        print(f"{r['method']:10s} measured total ratio {r['total_ratio']:.3f} (repeats {lo:.3f}-{hi:.3f}), predicted {r['model_ratio']:.3f} "
               f"({gap:+.1%}); sampling {r['sampling_ratio']:.3f} vs {r['model_sampling_ratio']:.3f}, "
               f"optimisation {r['optimisation_ratio']:.3f} vs {r['model_optimisation_ratio']:.3f}")
     if args.json:

@@ -68,12 +68,12 @@ def image_grid(images: torch.Tensor, ax=None, nrow: int | None = None, title: st
     return ax
 
 
-def plot_arms(ax, results: dict, key: str, x: str = "update", label_fmt: str = "{arm}"):
+def plot_arms(ax, results: dict, key: str, x: str = "update", label_fmt: str = "{arm}", seconds_per_update: dict | None = None):
     """Mean over seeds (line) and min-max across seeds (band) of ``key`` for each arm.
 
-    results: ``{arm: [history per seed]}``."""
+    results: ``{arm: [history per seed]}``; ``seconds_per_update``: ``{arm: s}`` for ``x="seconds"``."""
     for arm, hs in results.items():
-        xs, vals = curve(hs, key, x)
+        xs, vals = curve(hs, key, x, (seconds_per_update or {}).get(arm))
         color = COLORS.get(hs[0]["config"]["arm"], None)
         ax.plot(xs, vals.mean(0), label=label_fmt.format(arm=arm, n=len(hs)), color=color)
         if len(hs) > 1:

@@ -54,7 +54,13 @@ class Rollout:
 
     def select(self, keep: torch.Tensor) -> "Rollout":
         """The sub-group ``keep`` ``[P, k]`` (indices into K) of every prompt's trajectories."""
-        take = lambda t: None if t is None else torch.gather(t, 1, keep.view(*keep.shape, *[1] * (t.dim() - 2)).expand(*keep.shape, *t.shape[2:]))
+
+        def take(t):  # t [P, K, ...] -> [P, k, ...]
+            if t is None:
+                return None
+            index = keep.view(*keep.shape, *[1] * (t.dim() - 2)).expand(*keep.shape, *t.shape[2:])
+            return torch.gather(t, 1, index)
+
         return Rollout(take(self.prompts), take(self.latents), take(self.log_probs), self.sigmas, self.nfe, self.previews)
 
 

@@ -143,11 +143,10 @@ def evaluate(model, config: TrainConfig, rewards: dict, sigmas: torch.Tensor) ->
     g = torch.Generator().manual_seed(config.eval_seed)
     prompts = torch.arange(10, device=dev).repeat_interleave(config.eval_per_class)
     images = sample(model, prompts, sigmas, 0.0, g)
-    out = {}
-    for name, fn in rewards.items():
-        out[f"eval_{name}"] = fn(images, prompts).mean().item()
+    scores = {name: fn(images, prompts) for name, fn in rewards.items()}
+    out = {f"eval_{name}": r.mean().item() for name, r in scores.items()}
     # margin > 0 <=> the reward classifier's top class is the requested digit
-    out["eval_accuracy"] = (rewards["margin"](images, prompts) > 0).float().mean().item()
+    out["eval_accuracy"] = (scores["margin"] > 0).float().mean().item()
     per_prompt = images.view(10, config.eval_per_class, -1)
     out["eval_diversity"] = torch.cdist(per_prompt, per_prompt).sum().item() / (10 * config.eval_per_class * max(config.eval_per_class - 1, 1))
     fresh = rollout(model, torch.arange(10, device=dev), config.eval_group, sigmas, config.noise_level, g)

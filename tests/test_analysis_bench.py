@@ -93,3 +93,21 @@ def test_benchmark_measures_the_schedules_nfe(tmp_path):
         assert r["total_s"] == pytest.approx(r["sampling_s"] + r["optimisation_s"])
         assert math.isfinite(r["model_ratio"]) and r["peak_mem_mb"] > 0
     assert rows["standard"]["flop_ratio"] == pytest.approx((324 + 3 * 120) / (240 + 3 * 240))
+
+
+def test_equal_compute_difference_interpolates_at_the_smaller_budget():
+    from progrpo_ref.analysis import equal_compute_difference
+
+    # a: 100 NFE per update, value rises 1 per eval (every 2 updates); b: 50 NFE per update, rises 0.5
+    def h(seed, nfe, slope, evals=4):
+        return {"config": {"seed": seed},
+                "evals": [{"update": 2 * i, "x": slope * i} for i in range(evals + 1)],
+                "updates": [{"nfe_per_prompt": nfe, "sampling_s": 0, "optimisation_s": 0}] * (2 * evals)}
+
+    a = [h(s, 100, 1.0) for s in range(3)]
+    b = [h(s, 50, 0.5) for s in range(3)]
+    # budgets: a ends at 800, b at 400; at 400 NFE a has value 2 (update 4), b has value 2 (update 8)
+    d = equal_compute_difference(a, b, "x", "nfe")
+    assert d["mean"] == pytest.approx(0.0)
+    b2 = [h(s, 50, 1.0) for s in range(3)]  # b2 reaches 4 at 400 NFE
+    assert equal_compute_difference(a, b2, "x", "nfe")["mean"] == pytest.approx(-2.0)

@@ -86,3 +86,14 @@ def test_record_previews_prunes_nothing(flow_model, margin_reward):
 def test_prune_schedule_must_match_sigmas(flow_model, margin_reward):
     with pytest.raises(ValueError, match="20 steps but the prune schedule 10"):
         expand_and_prune(flow_model, torch.tensor([1]), PRESETS["standard"], margin_reward, sigma_schedule(20))
+
+
+def test_rollout_select_gathers_the_same_trajectories(flow_model):
+    ro = rollout(flow_model, torch.tensor([1, 2]), 5, sigma_schedule(4), 0.7, torch.Generator().manual_seed(0))
+    keep = torch.tensor([[4, 0], [2, 3]])
+    sub = ro.select(keep)
+    for p in range(2):
+        for j, g in enumerate(keep[p].tolist()):
+            assert torch.equal(sub.latents[p, j], ro.latents[p, g])
+            assert torch.equal(sub.log_probs[p, j], ro.log_probs[p, g])
+            assert sub.prompts[p, j] == ro.prompts[p, g]
