@@ -1,15 +1,18 @@
-"""Benchmark: what one training epoch of each arm costs, measured, next to what a cost model predicts.
+"""Benchmark: what one update of each arm costs, measured, next to what a cost model predicts.
 
-    python -m progrpo_ref.bench                 # default: 5 interleaved repeats, medians (a few minutes)
+    python -m progrpo_ref.bench                 # default: 30 interleaved rounds, medians (about 3 minutes)
     python -m progrpo_ref.bench --quick         # under a minute on 2 CPU cores
     python -m progrpo_ref.bench --json out.json --markdown out.md
     python -m progrpo_ref.bench --device cuda --bf16 [--sd35]    # on a GPU; --sd35: SD3.5-Medium size, 512 px
 
 Arms (same prompts and seeds): Flow-GRPO G = 24, static OVF 24 -> 12, Pro-GRPO Standard 48 -> 24 -> 12,
-Pro-GRPO Flash 24 -> 16 -> 12. Each (arm, repeat) runs in its own subprocess, so its peak memory is
-its own; arms are interleaved (the order rotates every repeat). Seconds are medians over repeats;
-ratios are medians of per-repeat ratios to Flow-GRPO (arms of one repeat ran minutes apart, so a
-slow spell of the shared machine hits both sides of a ratio).
+Pro-GRPO Flash 24 -> 16 -> 12. Timing: all arms in one process, each with its own model copy,
+one update per arm per round with the order rotating every round, so a slow spell of the shared
+machine hits every arm alike; seconds per update are medians over rounds and ratios to Flow-GRPO are
+medians of ratios paired by round (quartiles reported). Counts (NFE, previews) and peak memory come
+from one short subprocess per arm, since a process's peak memory only grows. (Timing each arm in its
+own subprocess was tried first: whole processes ran 20-30% slower or faster than others on this
+shared virtual machine, which swamped the differences between arms.)
 
 The cost model: a separate calibration pass times, at every batch size an arm actually uses, one
 sampling step f(B) (denoiser forward + SDE step), one trained step g(B) (re-scored log-prob, clipped
@@ -103,7 +106,8 @@ def run_epoch(arm, device, bf16, sd35, sd35_layers, prompts, updates, warmup, se
     counter, reward = NFECounter(model), _CountingReward(reward_fn)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
-    totals = dict(sampling_s=0.0, optimisation_s=0.0, nfe=0, reward_samples=0, final_samples=0)
+    times = {"sampling_s": [], "optimisation_s": []}
+    final_samples = 0
     for u in range(warmup + updates):
         if u == warmup:
             counter.nfe, reward.samples = 0, 0
@@ -115,15 +119,48 @@ def run_epoch(arm, device, bf16, sd35, sd35_layers, prompts, updates, warmup, se
         optimise(model, None, optimizer, ro, group_advantages(R, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
         _sync(device); t2 = time.perf_counter()
         if u >= warmup:
-            totals["sampling_s"] += t1 - t0
-            totals["optimisation_s"] += t2 - t1
-            totals["final_samples"] += cfg.prompts_per_update * cfg.schedule.final_size
+            times["sampling_s"].append(t1 - t0)
+            times["optimisation_s"].append(t2 - t1)
+            final_samples += cfg.prompts_per_update * cfg.schedule.final_size
     n = prompts * updates
+    # epoch seconds = updates x the median update: robust to a transient slow spell of a shared machine
+    sampling, optimisation = (updates * statistics.median(times[k]) for k in ("sampling_s", "optimisation_s"))
     return {"method": arm, "nfe_per_prompt": counter.nfe / n,
-            "preview_evals_per_prompt": (reward.samples - totals["final_samples"]) / n,
+            "preview_evals_per_prompt": (reward.samples - final_samples) / n,
             "trained_per_prompt": cfg.trained_group_size,
-            "sampling_s": totals["sampling_s"], "optimisation_s": totals["optimisation_s"],
-            "total_s": totals["sampling_s"] + totals["optimisation_s"], "peak_mem_mb": _peak_mb(device)}
+            "sampling_s": sampling, "optimisation_s": optimisation,
+            "total_s": sampling + optimisation, "peak_mem_mb": _peak_mb(device)}
+
+
+def run_interleaved(arms, device, bf16, sd35, sd35_layers, prompts, rounds, seed, progress=None) -> dict:
+    """Time every arm in one process, one update per arm per round, the order rotating each round, so
+    a slow spell of the shared machine hits all arms alike. Each arm trains its own copy of the model.
+    Returns ``{arm: {"sampling_s": [per round], "optimisation_s": [per round]}}`` (after one warm-up round)."""
+    from .grpo import group_advantages
+    from .model import sigma_schedule
+    from .trainer import arm_config, optimise, sample_group
+
+    state = {}
+    for arm in arms:
+        model, reward_fn, shape = build(device, bf16, sd35, sd35_layers)
+        cfg = arm_config(arm, prompts_per_update=prompts, device=device, seed=seed, latent_shape=shape, progress=False)
+        state[arm] = (model, reward_fn, cfg, sigma_schedule(cfg.schedule.num_steps),
+                      torch.optim.Adam(model.parameters(), lr=cfg.lr), torch.Generator().manual_seed(seed))
+    times = {arm: {"sampling_s": [], "optimisation_s": []} for arm in arms}
+    for r in range(rounds + 1):
+        for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
+            model, reward_fn, cfg, sigmas, optimizer, gen = state[arm]
+            _sync(device); t0 = time.perf_counter()
+            ro, R = sample_group(model, cfg, reward_fn, sigmas, gen)
+            _sync(device); t1 = time.perf_counter()
+            optimise(model, None, optimizer, ro, group_advantages(R, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
+            _sync(device); t2 = time.perf_counter()
+            if r > 0:  # round 0 warms up
+                times[arm]["sampling_s"].append(t1 - t0)
+                times[arm]["optimisation_s"].append(t2 - t1)
+        if progress is not None:
+            progress.update()
+    return times
 
 
 # ---------------------------------------------------------------- calibration for the cost model (subprocess)
@@ -139,7 +176,8 @@ def _median_time(fn, device, reps):
 def calibrate(device, bf16, sd35, sd35_layers, prompts, reps) -> dict:
     """Seconds, at each batch size B an arm uses: f(B) one sampling step (forward + SDE step),
     r(B) one reward call, g(B) one trained step (re-scored log-prob, clipped loss, backward); and o,
-    one optimizer step (gradient clip + Adam step + zero_grad), which does not depend on B."""
+    one optimizer step (gradient clip + Adam step + zero_grad), which does not depend on B.
+    All items are timed round-robin, ``reps`` rounds, medians: like the arms, they share slow spells."""
     from .grpo import clipped_policy_loss, step_log_prob
     from .model import sigma_schedule
     from .sde import sde_step_with_logprob
@@ -150,31 +188,44 @@ def calibrate(device, bf16, sd35, sd35_layers, prompts, reps) -> dict:
     plans = {arm: arm_config(arm, prompts_per_update=prompts) for arm in ARMS}
     fwd_sizes = sorted({prompts * g for c in plans.values() for g in c.schedule.group_sizes})
     opt_sizes = sorted({prompts * c.trained_group_size // c.num_minibatches for c in plans.values()})
-    out = {"f": {}, "g": {}, "r": {}}
+    items = {}  # (table, batch size) -> a closure to time
+
+    def sampling_step(x, c):
+        with torch.no_grad():
+            v = model(x, sigmas[3].to(device).expand(len(x)), c)
+            sde_step_with_logprob(v, x, sigmas[3], sigmas[4], 0.7)
+
+    def trained_step(lat, c, old, adv):
+        lp, _, _ = step_log_prob(model, lat, c, sigmas, 3, 0.7)
+        clipped_policy_loss(lp, old, adv, 1e-3)[0].mean().backward()
+
     for B in fwd_sizes:
         x, c = torch.randn(B, *shape, device=device), torch.randint(10, (B,), device=device)
-
-        def sampling_step():
-            with torch.no_grad():
-                v = model(x, sigmas[3].to(device).expand(B), c)
-                sde_step_with_logprob(v, x, sigmas[3], sigmas[4], 0.7)
-        out["f"][str(B)] = _median_time(sampling_step, device, reps)  # JSON keys are strings
-        out["r"][str(B)] = _median_time(lambda: reward_fn(x, c), device, reps)
+        items[("f", B)] = lambda x=x, c=c: sampling_step(x, c)
+        items[("r", B)] = lambda x=x, c=c: reward_fn(x, c)
     for B in opt_sizes:
         lat, c = torch.randn(B, 11, *shape, device=device), torch.randint(10, (B,), device=device)
-        old, adv = torch.zeros(B, device=device), torch.randn(B, device=device)
-
-        def trained_step():
-            lp, _, _ = step_log_prob(model, lat, c, sigmas, 3, 0.7)
-            clipped_policy_loss(lp, old, adv, 1e-3)[0].mean().backward()
-        out["g"][str(B)] = _median_time(trained_step, device, reps)
+        items[("g", B)] = lambda lat=lat, c=c, B=B: trained_step(lat, c, torch.zeros(B, device=device), torch.randn(B, device=device))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def optimizer_step():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
-    out["o"] = _median_time(optimizer_step, device, reps)
+    items[("o", 0)] = optimizer_step
+
+    samples = {key: [] for key in items}
+    for r in range(reps + 1):
+        for key, fn in items.items():
+            _sync(device); t = time.perf_counter(); fn(); _sync(device)
+            if r > 0:  # round 0 warms up
+                samples[key].append(time.perf_counter() - t)
+    out = {"f": {}, "g": {}, "r": {}}
+    for (table, B), ts in samples.items():
+        if table == "o":
+            out["o"] = statistics.median(ts)
+        else:
+            out[table][str(B)] = statistics.median(ts)  # JSON keys are strings
     return out
 
 
@@ -264,9 +315,8 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 repeat of 1 update per arm, fewer calibration reps")
-    ap.add_argument("--repeats", type=int, default=7, help="interleaved repeats per arm (medians reported)")
-    ap.add_argument("--updates", type=int, default=5, help="timed updates per epoch (after one warm-up update)")
+    ap.add_argument("--quick", action="store_true", help="2 timed rounds, fewer calibration reps")
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds of one update per arm (medians reported)")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per update")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the policy (SDE math stays fp32)")
@@ -279,7 +329,7 @@ def main(argv=None):
     ap.add_argument("--scaling-only", action="store_true", help="only the scaling plot (to --scaling or figures/)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    repeats, updates, reps = (1, 1, 3) if args.quick else (args.repeats, args.updates, 7)
+    rounds, reps = (2, 5) if args.quick else (args.rounds, 30)
     common = dict(device=args.device, bf16=args.bf16, sd35=args.sd35, sd35_layers=args.sd35_layers)
     name = device_name(args.device)
 
@@ -294,45 +344,51 @@ def main(argv=None):
         if args.scaling_only:
             return
 
-    runs = {arm: [] for arm in ARMS}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=repeats * len(ARMS) + 1, desc="bench")
-    for rep in range(repeats):
-        order = ARMS[rep % len(ARMS):] + ARMS[:rep % len(ARMS)]  # interleave, rotating the order
-        for arm in order:
-            runs[arm].append(_subprocess(dict(kind="epoch", arm=arm, prompts=args.prompts, updates=updates, warmup=1, seed=0, **common), args.threads))
-            bar.update()
+    bar = tqdm(total=len(ARMS) + rounds + 2, desc="bench")
+    counts = {}  # measured counts and peak memory: one short subprocess per arm
+    for arm in ARMS:
+        counts[arm] = _subprocess(dict(kind="epoch", arm=arm, prompts=args.prompts, updates=1, warmup=1, seed=0, **common), args.threads)
+        bar.update()
+    times = run_interleaved(ARMS, prompts=args.prompts, rounds=rounds, seed=0, progress=bar, **common)
     cal = _subprocess(dict(kind="calibrate", prompts=args.prompts, reps=reps, **common), args.threads)
     bar.update(); bar.close()
 
-    med = lambda arm, key: statistics.median(r[key] for r in runs[arm])
-    pred = {arm: predict(arm, cal, args.prompts, updates) for arm in ARMS}
+    pred = {arm: predict(arm, cal, args.prompts, 1) for arm in ARMS}
     rows = []
     for arm in ARMS:
-        row = {k: runs[arm][0][k] for k in ("method", "nfe_per_prompt", "preview_evals_per_prompt", "trained_per_prompt")}
-        row |= {k: med(arm, k) for k in ("sampling_s", "optimisation_s", "total_s", "peak_mem_mb")}
-        for k in ("sampling", "optimisation", "total"):  # median of ratios paired by repeat (same time slot)
-            paired = [a[f"{k}_s"] / b[f"{k}_s"] for a, b in zip(runs[arm], runs["flow_grpo"])]
+        row = {k: counts[arm][k] for k in ("method", "nfe_per_prompt", "preview_evals_per_prompt", "trained_per_prompt")}
+        for k in ("sampling", "optimisation"):  # seconds per update: median over rounds
+            row[f"{k}_s"] = statistics.median(times[arm][f"{k}_s"])
+        row["total_s"] = row["sampling_s"] + row["optimisation_s"]
+        row["peak_mem_mb"] = counts[arm]["peak_mem_mb"]
+        for k in ("sampling", "optimisation", "total"):  # median of ratios paired by round
+            def per_round(a):
+                if k == "total":
+                    return [s_ + o for s_, o in zip(times[a]["sampling_s"], times[a]["optimisation_s"])]
+                return times[a][f"{k}_s"]
+            paired = sorted(x / y for x, y in zip(per_round(arm), per_round("flow_grpo")))
             row[f"{k}_ratio"] = statistics.median(paired)
-            row[f"{k}_ratio_range"] = [min(paired), max(paired)]
-        row["total_s_all"] = [r["total_s"] for r in runs[arm]]
+            row[f"{k}_ratio_iqr"] = [paired[len(paired) // 4], paired[(3 * len(paired)) // 4]]
         row["model_ratio"] = pred[arm]["total_s"] / pred["flow_grpo"]["total_s"]
         row["model_sampling_ratio"] = pred[arm]["sampling_s"] / pred["flow_grpo"]["sampling_s"]
         row["model_optimisation_ratio"] = pred[arm]["optimisation_s"] / pred["flow_grpo"]["optimisation_s"]
+        row["model_total_s"] = pred[arm]["total_s"]
         row["flop_ratio"] = pred[arm]["flop_units"] / pred["flow_grpo"]["flop_units"]
-        row["repeats"] = repeats
+        row["rounds"] = rounds
         rows.append(row)
+    rows[0]["calibration_s"] = cal  # the cost model's measured step costs, for the record
     header = (f"{'SD3.5-Medium-size random transformer, 512 px' if args.sd35 else 'tiny SD3 flow model'}, {name}, "
-              f"{args.prompts} prompts x {updates} updates per epoch, median of {repeats} interleaved repeats"
+              f"{args.prompts} prompts per update; seconds per update, median of {rounds} interleaved rounds"
               f"{', bf16 autocast' if args.bf16 else ''}; {time.strftime('%Y-%m-%d')}")
     table = markdown(rows, header)
     print(table)
     print()
     for r in rows[1:]:
         gap = r["total_ratio"] / r["model_ratio"] - 1
-        lo, hi = r["total_ratio_range"]
-        print(f"{r['method']:10s} measured total ratio {r['total_ratio']:.3f} (repeats {lo:.3f}-{hi:.3f}), predicted {r['model_ratio']:.3f} "
+        lo, hi = r["total_ratio_iqr"]
+        print(f"{r['method']:10s} measured total ratio {r['total_ratio']:.3f} (quartiles {lo:.3f}-{hi:.3f}), predicted {r['model_ratio']:.3f} "
               f"({gap:+.1%}); sampling {r['sampling_ratio']:.3f} vs {r['model_sampling_ratio']:.3f}, "
               f"optimisation {r['optimisation_ratio']:.3f} vs {r['model_optimisation_ratio']:.3f}")
     if args.json:
