@@ -1,6 +1,5 @@
 """The training loop: every arm runs, the evaluation is selection-independent, resume is exact."""
 import pytest
-import torch
 
 from progrpo_ref.pro_grpo import PruneSchedule
 from progrpo_ref.trainer import ARMS, arm_config, strip_timings, train
