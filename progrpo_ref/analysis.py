@@ -19,7 +19,7 @@ from .rollout import rollout
 def group_rewards(model, reward_fn, prompts, group_size, sigmas, noise_level=0.7, seed=0) -> torch.Tensor:
     """Final rewards ``[P, G]`` of one fresh, unselected SDE group per prompt ``[P]``."""
     ro = rollout(model, prompts, group_size, sigmas, noise_level, torch.Generator().manual_seed(seed))
-    return reward_fn(ro.images.flatten(0, 1), ro.prompts.flatten()).view(len(prompts), group_size)
+    return ro.final_rewards(reward_fn)
 
 
 def clustering_fraction(rewards: torch.Tensor, delta: float) -> float:
@@ -59,7 +59,7 @@ def proxy_fidelity(model, reward_fn, prompts, group_size, sigmas, steps, noise_l
     """Mean and std over prompts of the within-group rank correlation between the preview reward at
     each step and the final reward: ``{step: (mean, std)}``. One unpruned rollout."""
     ro, proxies = record_previews(model, prompts, group_size, reward_fn, sigmas, steps, noise_level, torch.Generator().manual_seed(seed))
-    final = reward_fn(ro.images.flatten(0, 1), ro.prompts.flatten()).view(len(prompts), group_size)
+    final = ro.final_rewards(reward_fn)
     out = {}
     for c, proxy in sorted(proxies.items()):
         rho = rank_correlation(proxy, final)
@@ -74,7 +74,7 @@ def selection_bias(model, reward_fn, prompts, schedule: PruneSchedule, sigmas, n
     distribution GRPO trains on."""
     g = torch.Generator().manual_seed(seed)
     ro = expand_and_prune(model, prompts, schedule, reward_fn, sigmas, noise_level, g)
-    survivors = reward_fn(ro.images.flatten(0, 1), ro.prompts.flatten()).view(len(prompts), -1)
+    survivors = ro.final_rewards(reward_fn)
     plain = group_rewards(model, reward_fn, prompts, schedule.final_size, sigmas, noise_level, seed + 10_000)
     return {"survivors": survivors, "unselected": plain}
 
@@ -100,7 +100,11 @@ def final_value(histories: list[dict], key: str) -> torch.Tensor:
 def paired_difference(a: list[dict], b: list[dict], key: str) -> dict:
     """Per-seed difference of final ``key`` between two arms run with the same seeds: mean, std over
     seeds, and whether |mean| exceeds 2 standard errors (a rough paired test)."""
-    d = final_value(a, key) - final_value(b, key)
+    return _paired_stats(final_value(a, key) - final_value(b, key))
+
+
+def _paired_stats(d: torch.Tensor) -> dict:
+    """Mean, std and standard error of per-seed differences ``[S]``, and whether |mean| > 2 se."""
     se = d.std() / math.sqrt(len(d)) if len(d) > 1 else torch.tensor(float("inf"))
     return {"mean": d.mean().item(), "std": d.std().item() if len(d) > 1 else float("nan"),
             "se": se.item(), "exceeds_2se": bool(d.mean().abs() > 2 * se)}
@@ -155,13 +159,12 @@ def reward_report(model, names, prompts, group_size, sigmas, noise_level=0.7, se
     from .rewards import get_reward
 
     ro = rollout(model, prompts, group_size, sigmas, noise_level, torch.Generator().manual_seed(seed))
-    images, c = ro.images.flatten(0, 1), ro.prompts.flatten()
     x, y = load_split("heldout")
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     rows = []
     for name in names:
         fn = get_reward(name)
-        R = fn(images, c).view(len(prompts), group_size)
+        R = ro.final_rewards(fn)
         rows.append({
             "reward": name, "mean": R.mean().item(), "within_std": R.std(1, unbiased=False).mean().item(),
             "cluster_0.25": clustering_fraction(R, 0.25), "cluster_0.5": clustering_fraction(R, 0.5),
@@ -234,7 +237,4 @@ def equal_compute_difference(a: list[dict], b: list[dict], key: str, x: str = "n
         (xa, ea), (xb, eb) = _cumulative(ha, x, seconds_per_update[0]), _cumulative(hb, x, seconds_per_update[1])
         budget = min(xa[-1], xb[-1])
         diffs.append(_interp(xa, [e[key] for e in ea], budget) - _interp(xb, [e[key] for e in eb], budget))
-    d = torch.tensor(diffs)
-    se = d.std() / math.sqrt(len(d)) if len(d) > 1 else torch.tensor(float("inf"))
-    return {"mean": d.mean().item(), "std": d.std().item() if len(d) > 1 else float("nan"),
-            "se": se.item(), "exceeds_2se": bool(d.mean().abs() > 2 * se)}
+    return _paired_stats(torch.tensor(diffs))

@@ -52,6 +52,11 @@ class Rollout:
         """Final samples ``[P, K, C, H, W]``."""
         return self.latents[:, :, -1]
 
+    def final_rewards(self, reward_fn: Callable) -> torch.Tensor:
+        """R ``[P, K]``: ``reward_fn(images [B, C, H, W], prompts [B])`` on the final samples."""
+        P, K = self.prompts.shape
+        return reward_fn(self.images.flatten(0, 1), self.prompts.flatten()).view(P, K)
+
     def select(self, keep: torch.Tensor) -> "Rollout":
         """The sub-group ``keep`` ``[P, k]`` (indices into K) of every prompt's trajectories."""
 

@@ -150,7 +150,7 @@ def evaluate(model, config: TrainConfig, rewards: dict, sigmas: torch.Tensor) ->
     per_prompt = images.view(10, config.eval_per_class, -1)
     out["eval_diversity"] = torch.cdist(per_prompt, per_prompt).sum().item() / (10 * config.eval_per_class * max(config.eval_per_class - 1, 1))
     fresh = rollout(model, torch.arange(10, device=dev), config.eval_group, sigmas, config.noise_level, g)
-    R = rewards[config.reward](fresh.images.flatten(0, 1), fresh.prompts.flatten()).view(10, -1)
+    R = fresh.final_rewards(rewards[config.reward])
     A = (R - R.mean(1, keepdim=True)) / (R.std(1, unbiased=False, keepdim=True) + config.adv_eps)
     out["fresh_reward_mean"] = R.mean().item()
     out["fresh_reward_std"] = R.std(1, unbiased=False).mean().item()
@@ -199,8 +199,7 @@ def sample_group(model, config: TrainConfig, reward_fn, sigmas, generator):
     else:
         ro = rollout(model, prompts, config.schedule.group_sizes[0], sigmas, config.noise_level, generator,
                      latent_shape=config.latent_shape)
-    P, K = ro.prompts.shape
-    R = reward_fn(ro.images.flatten(0, 1), ro.prompts.flatten()).view(P, K)
+    R = ro.final_rewards(reward_fn)
     if config.selection != "all":
         keep = select_subset(R, config.select_k, config.selection, generator)
         ro, R = ro.select(keep), R.gather(1, keep)
