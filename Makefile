@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
+TORCH_PIP_ARGS ?=
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: venv test reproduce lab bench pretrain clean
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) on PATH (or make PYTHON_BOOT=/path/to/python3.11)"; exit 1; }
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
@@ -25,7 +26,7 @@ test: venv
 	$(if $(NOTEBOOKS),PROGRPO_PROFILE=quick $(PY) -m pytest -q --nbval-lax $(NOTEBOOKS))
 
 # Re-execute every notebook in order, in place, in the full profile (they rewrite figures/),
-# then the benchmark (figures/bench_cpu.{md,json}, figures/bench_scaling.png). About 35 minutes on 2 cores.
+# then the benchmark (figures/bench_cpu.{md,json}, figures/bench_scaling.png). About 25 minutes on 2 cores.
 reproduce: venv
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \

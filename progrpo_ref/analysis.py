@@ -98,9 +98,10 @@ def final_value(histories: list[dict], key: str) -> torch.Tensor:
 
 
 def paired_difference(a: list[dict], b: list[dict], key: str) -> dict:
-    """Per-seed difference of final ``key`` between two arms run with the same seeds: mean, std over
-    seeds, and whether |mean| exceeds 2 standard errors (a rough paired test)."""
-    return _paired_stats(final_value(a, key) - final_value(b, key))
+    """Per-seed difference of final ``key`` between two arms, paired by seed over a's seeds (b must
+    have them): mean, std over seeds, and whether |mean| exceeds 2 standard errors (a rough paired test)."""
+    by_seed = {h["config"]["seed"]: h["evals"][-1][key] for h in b}
+    return _paired_stats(torch.tensor([h["evals"][-1][key] - by_seed[h["config"]["seed"]] for h in a]))
 
 
 def _paired_stats(d: torch.Tensor) -> dict:
@@ -191,8 +192,7 @@ def seed_table(results: dict, names, base: str, keys=("eval_margin", "eval_margi
             cells.append(f"{v.mean():10.2f} +- {v.std() if len(v) > 1 else float('nan'):5.2f}    ")
         line = f"{n:12s} " + " ".join(f"{c:>22s}" for c in cells)
         if n != base:
-            seeds = {h["config"]["seed"] for h in results[n]}
-            d = paired_difference(results[n], [h for h in results[base] if h["config"]["seed"] in seeds], keys[0])
+            d = paired_difference(results[n], results[base], keys[0])
             line += f"   {d['mean']:+.2f} +- {d['std']:.2f} (se {d['se']:.2f}) {'> 2 se' if d['exceeds_2se'] else 'within 2 se'}"
         lines.append(line)
     return "\n".join(lines)

@@ -239,8 +239,8 @@ def predict(arm: str, cal: dict, prompts: int, updates: int) -> dict:
     sampling = sum((b - a) * f(prompts * G) for G, a, b in zip(s.group_sizes, bounds, bounds[1:]))
     sampling += sum(r(prompts * G) for G in s.group_sizes[:-1]) + r(prompts * s.final_size)
     mb = prompts * cfg.trained_group_size // cfg.num_minibatches
-    optimisation = cfg.num_minibatches * (s.num_steps * g(mb) + cal["o"])
-    flops = s.nfe() + 3 * cfg.trained_group_size * s.num_steps
+    optimisation = cfg.num_minibatches * (cfg.trained_steps * g(mb) + cal["o"])
+    flops = s.nfe() + 3 * cfg.trained_group_size * cfg.trained_steps
     return {"sampling_s": updates * sampling, "optimisation_s": updates * optimisation,
             "total_s": updates * (sampling + optimisation), "flop_units": flops}
 

@@ -17,7 +17,6 @@ independent of selection: fixed-seed ODE samples on fixed prompts, and a fresh, 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,9 +59,11 @@ class TrainConfig:
     lr: float = 1e-4
     """Adam learning rate"""
     clip_range: float = 1e-3
-    """PPO clip eps. Our log-probs average over 64 elements (SD3.5 at 512 px: 65,536), so a given
-    change of the policy moves the ratio ~1000x more per element-average than Flow-GRPO's 1e-4 implies;
-    1e-3 was measured to let the second mini-batch learn (1e-4 clipped ~75% of it, 0.2 was unstable)"""
+    """PPO clip eps. Our log-probs average over 64 elements, SD3.5's at 512 px over 65,536; the
+    per-element log-ratios are noise-driven and of random sign, so their average shrinks like
+    1/sqrt(elements), and ours deviates from 0 about sqrt(1024) = 32x more than Flow-GRPO's for the same
+    policy change: its 1e-4 corresponds to roughly 3e-3 here. 1e-3 was measured to let the second
+    mini-batch learn (1e-4 clipped about 75% of it; 0.2 at a higher lr was unstable)"""
     adv_clip: float = 5.0
     """advantages are clipped to +-adv_clip (Flow-GRPO)"""
     adv_eps: float = 1e-4
@@ -74,7 +75,8 @@ class TrainConfig:
     num_minibatches: int = 2
     """optimizer steps per rollout; the first is on-policy (ratio 1), the clip acts from the second"""
     train_steps_fraction: float = 1.0
-    """fraction of the T sampling steps trained on (the first ceil(fraction * T))"""
+    """fraction of the T sampling steps trained on: the first int(fraction * T), as Flow-GRPO counts
+    (its 0.99 trains 9 of 10, skipping the nearly noise-free last step)"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     eval_every: int = 10
@@ -94,7 +96,9 @@ class TrainConfig:
     device: str = "cpu"
     """torch device"""
     latent_shape: tuple[int, ...] = (1, 8, 8)
-    """[C, H, W] of the model's latents (SD3.5-M at 512 px: (16, 64, 64))"""
+    """[C, H, W] of the model's latents (SD3.5-M at 512 px: (16, 64, 64)). ``sample_group`` and
+    ``optimise`` honour it; ``train``'s evaluation uses the digit rewards, so ``train`` itself is for
+    the digit model (drive another model with ``sample_group`` + ``optimise``, as ``bench.py`` does)"""
     checkpoint_path: str | None = None
     """save model, optimizer, RNG and history here (resume with train(config, resume=True))"""
     checkpoint_every: int = 0
@@ -109,6 +113,11 @@ class TrainConfig:
             raise ValueError(f"select_k={self.select_k} must be in [2, {self.schedule.final_size}]")
         if self.num_minibatches < 1:
             raise ValueError(f"num_minibatches={self.num_minibatches} must be >= 1")
+
+    @property
+    def trained_steps(self) -> int:
+        """How many of the T steps are trained on: int(train_steps_fraction * T), at least 1."""
+        return max(1, int(self.train_steps_fraction * self.schedule.num_steps))
 
     @property
     def trained_group_size(self) -> int:
@@ -164,7 +173,7 @@ def optimise(model, ref_model, optimizer, ro, advantages, config: TrainConfig, g
     P, K, T = ro.log_probs.shape
     latents, prompts = ro.latents.flatten(0, 1), ro.prompts.flatten()  # [N, T + 1, C, H, W], [N]
     old_lp, adv = ro.log_probs.flatten(0, 1), advantages.flatten()  # [N, T], [N]
-    steps = range(math.ceil(config.train_steps_fraction * T))
+    steps = range(config.trained_steps)
     perm = torch.randperm(P * K, generator=generator).to(latents.device)
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_dev_first": 0.0}
     for i, mb in enumerate(perm.chunk(config.num_minibatches)):
@@ -191,7 +200,7 @@ def optimise(model, ref_model, optimizer, ro, advantages, config: TrainConfig, g
 
 
 def sample_group(model, config: TrainConfig, reward_fn, sigmas, generator):
-    """One update's rollout, final rewards and static selection: (trained rollout, R [P, K], nfe)."""
+    """One update's rollout, final rewards and static selection: (trained rollout, R ``[P, K]``)."""
     prompts = torch.randint(10, (config.prompts_per_update,), generator=generator).to(config.device)
     if len(config.schedule.group_sizes) > 1:
         ro = expand_and_prune(model, prompts, config.schedule, reward_fn, sigmas, config.noise_level, generator,
