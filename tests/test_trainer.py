@@ -35,3 +35,9 @@ def test_config_errors():
         arm_config("ovf", select_k=30)
     with pytest.raises(ValueError, match="arm='grpo'"):
         arm_config("grpo")
+
+
+def test_trained_steps_follow_flow_grpo_counting():
+    assert arm_config("flow_grpo").trained_steps == 10
+    assert arm_config("flow_grpo", train_steps_fraction=0.99).trained_steps == 9  # skips the last, nearly clean step
+    assert arm_config("flow_grpo", train_steps_fraction=0.01).trained_steps == 1
