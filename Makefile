@@ -39,11 +39,11 @@ lab: venv
 	$(PY) -m jupyter lab notebooks/
 
 bench: venv
-	$(PY) -m progrpo_ref.bench --json figures/bench_cpu.json --markdown figures/bench_cpu.md --scaling figures/bench_scaling.png
+	$(PY) -m progrpo_ref.study.bench --json figures/bench_cpu.json --markdown figures/bench_cpu.md --scaling figures/bench_scaling.png
 
 # Regenerate the committed checkpoints (classifiers + flow model), about 2 minutes on 2 cores.
 pretrain: venv
-	$(PY) -m progrpo_ref.pretrain
+	$(PY) -m progrpo_ref.digits.pretrain
 
 clean:
 	rm -rf $(VENV) *.egg-info

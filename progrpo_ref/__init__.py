@@ -1,19 +1,24 @@
-"""progrpo-ref: a reference implementation of Pro-GRPO (Expand and Prune) on a small flow model.
+"""progrpo-ref: a reference implementation of Pro-GRPO (Expand and Prune).
 
-Core (depends on torch only): ``sde`` (Flow-GRPO's SDE step and log-prob), ``rollout``, ``ovf``
-(Optimal Variance Filtering), ``grpo`` (advantages, the clipped loss, the KL), ``pro_grpo``
-(Expand-and-Prune). Around it: ``data``, ``model``, ``classifier``, ``rewards``, ``pretrain``,
-``trainer`` (the training loop and the arms of the study), ``analysis``, ``plots`` and ``bench``.
+The method (depends on torch, tqdm and safetensors only): ``samplers`` (the sampler seam; Flow-GRPO's
+SDE sampler), ``rollout``, ``ovf`` (Optimal Variance Filtering), ``grpo`` (advantages and the
+objective J), ``pro_grpo`` (Expand-and-Prune), ``task`` (the task seam), ``trainer``, ``checkpoint``.
+Around it, importing it and never imported by it: ``digits`` (the 8x8 digits task), ``adapters``
+(real diffusers models), ``study`` (analysis, plots, experiments, benchmark, results).
 """
-from .grpo import clipped_policy_loss, gaussian_kl, group_advantages, step_log_prob
+from .grpo import clipped_policy_loss, gaussian_kl, group_advantages, grpo_objective, step_log_prob
 from .ovf import ovf_select, select_subset
 from .pro_grpo import PRESETS, PruneSchedule, expand_and_prune, record_previews
 from .rollout import NFECounter, Rollout, rollout, sample
-from .sde import SDEStep, sde_step_with_logprob
+from .samplers import FlowSDE, Sampler, SamplerStep, SDEStep, flow_sigmas, sde_step_with_logprob
+from .task import Task
+from .trainer import ARMS, TrainConfig, arm_config, train
 
 __all__ = [
-    "SDEStep", "sde_step_with_logprob", "NFECounter", "Rollout", "rollout", "sample",
-    "ovf_select", "select_subset", "group_advantages", "clipped_policy_loss", "gaussian_kl",
-    "step_log_prob", "PruneSchedule", "PRESETS", "expand_and_prune", "record_previews",
+    "Sampler", "SamplerStep", "FlowSDE", "flow_sigmas", "SDEStep", "sde_step_with_logprob",
+    "NFECounter", "Rollout", "rollout", "sample", "ovf_select", "select_subset",
+    "group_advantages", "clipped_policy_loss", "gaussian_kl", "step_log_prob", "grpo_objective",
+    "PruneSchedule", "PRESETS", "expand_and_prune", "record_previews",
+    "Task", "TrainConfig", "ARMS", "arm_config", "train",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

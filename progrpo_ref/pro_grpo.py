@@ -2,11 +2,12 @@ r"""Pro-GRPO: Expand-and-Prune during sampling.
 
 1. Expand: start each prompt with G_max = group_sizes[0] trajectories.
 2. At each prune step c_i (counted in network calls: a trajectory pruned at c has had exactly c
-   evaluations), every live trajectory has just been evaluated at (x, sigma) with velocity v. Its
-   one-step clean estimate x0_hat = x - sigma * v (the probability-flow ODE's projection to sigma = 0
-   for a rectified flow) is decoded and scored with the *training* reward: the proxy reward.
+   evaluations), every live trajectory has just been evaluated at x with model output v. Its
+   one-step clean estimate x0_hat (the sampler's ``preview``: x - sigma v for a rectified flow, the
+   probability-flow ODE's projection to sigma = 0) is decoded and scored with the *training*
+   reward: the proxy reward.
 3. Keep the OVF subset of size group_sizes[i + 1] of the proxy rewards; the others stop at once.
-   Survivors take their SDE step with that same v, so the preview costs no network call.
+   Survivors take their step with that same v, so the preview costs no network call.
 4. Survivors finish; advantages use their true final rewards, normalised over the survivors only.
 
 NFE per prompt = sum_i G_i * (c_{i+1} - c_i), with c_0 = 0 and c_last = T: for Standard
@@ -19,8 +20,9 @@ from typing import Callable
 
 import torch
 
-from .ovf import select_subset
+from .ovf import STRATEGIES, select_subset
 from .rollout import Rollout, rollout
+from .samplers import Sampler
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,14 @@ class PruneSchedule:
     num_steps: int = 10
 
     def __post_init__(self):
-        sizes, steps = tuple(self.group_sizes), tuple(self.prune_steps)
+        try:
+            sizes, steps = tuple(self.group_sizes), tuple(self.prune_steps)
+        except TypeError:
+            raise ValueError(f"group_sizes={self.group_sizes!r} and prune_steps={self.prune_steps!r} must be sequences") from None
         object.__setattr__(self, "group_sizes", sizes)
         object.__setattr__(self, "prune_steps", steps)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (*sizes, *steps, self.num_steps)):
+            raise ValueError(f"group_sizes={sizes}, prune_steps={steps} and num_steps={self.num_steps!r} must be integers")
         if not sizes or any(s < 2 for s in sizes):
             raise ValueError(f"group_sizes={sizes} must be non-empty and each >= 2")
         if any(b >= a for a, b in zip(sizes, sizes[1:])):
@@ -43,6 +50,8 @@ class PruneSchedule:
             raise ValueError(f"prune_steps={steps} must give one step per reduction ({len(sizes) - 1} for group_sizes={sizes})")
         if any(b <= a for a, b in zip(steps, steps[1:])):
             raise ValueError(f"prune_steps={steps} must be strictly increasing")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps={self.num_steps} must be >= 1")
         if steps and (steps[0] <= 0 or steps[-1] >= self.num_steps):
             raise ValueError(f"prune_steps={steps} must lie inside (0, num_steps={self.num_steps})")
 
@@ -65,11 +74,10 @@ PRESETS = {
 
 def expand_and_prune(
     model: Callable,
+    sampler: Sampler,
     prompts: torch.Tensor,
     schedule: PruneSchedule,
     reward_fn: Callable,
-    sigmas: torch.Tensor,
-    noise_level: float = 0.7,
     generator: torch.Generator | None = None,
     strategy: str = "ovf",
     latent_shape: tuple[int, ...] = (1, 8, 8),
@@ -78,8 +86,10 @@ def expand_and_prune(
     preview rewards at each prune step. Returns the survivors (K = final size) with ``previews``:
     per prune step, the proxy rewards ``[P, G_i]`` of all live trajectories and the kept indices.
     """
-    if len(sigmas) - 1 != schedule.num_steps:
-        raise ValueError(f"sigma schedule has {len(sigmas) - 1} steps but the prune schedule {schedule.num_steps}")
+    if sampler.num_steps != schedule.num_steps:
+        raise ValueError(f"the sampler has {sampler.num_steps} steps but the prune schedule {schedule.num_steps}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
     records = []
 
     def prune(c: int, x0_hat: torch.Tensor, group_prompts: torch.Tensor) -> torch.Tensor:
@@ -90,13 +100,13 @@ def expand_and_prune(
         records.append({"step": c, "rewards": proxy, "keep": keep})
         return keep
 
-    out = rollout(model, prompts, schedule.group_sizes[0], sigmas, noise_level, generator,
+    out = rollout(model, sampler, prompts, schedule.group_sizes[0], generator,
                   preview_steps=schedule.prune_steps, on_preview=prune, latent_shape=latent_shape)
     out.previews = records
     return out
 
 
-def record_previews(model, prompts, group_size, reward_fn, sigmas, steps, noise_level=0.7, generator=None):
+def record_previews(model, sampler: Sampler, prompts, group_size, reward_fn, steps, generator=None, latent_shape=(1, 8, 8)):
     """An unpruned rollout that scores the preview x0_hat of every trajectory at each of ``steps``.
 
     For measuring proxy fidelity: returns (rollout, {step: preview rewards [P, G]}). Nothing is pruned.
@@ -107,5 +117,6 @@ def record_previews(model, prompts, group_size, reward_fn, sigmas, steps, noise_
         proxies[c] = reward_fn(x0_hat.flatten(0, 1), group_prompts.flatten()).view(group_prompts.shape)
         return None
 
-    out = rollout(model, prompts, group_size, sigmas, noise_level, generator, preview_steps=tuple(steps), on_preview=score)
+    out = rollout(model, sampler, prompts, group_size, generator, preview_steps=tuple(steps), on_preview=score,
+                  latent_shape=latent_shape)
     return out, proxies

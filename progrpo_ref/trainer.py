@@ -1,4 +1,4 @@
-"""The training loop: every arm of the study from one config, so two runs differ in one field.
+"""The training loop: every arm of the study from one config and any task, so two runs differ in one field.
 
     arm          sampling                           trained on
     flow_grpo    G = 24                             all 24
@@ -9,39 +9,45 @@
     standard     48 -> 24 -> 12 pruned at (5, 7)    the 12 survivors (Pro-GRPO Standard)
     flash        24 -> 16 -> 12 pruned at (5, 7)    the 12 survivors (Pro-GRPO Flash)
 
-Per update: P random prompts, a rollout (``rollout`` or ``expand_and_prune``), final rewards, an
-optional static selection (``select_subset``), group advantages over the trained group, then
-``num_minibatches`` optimizer steps of the clipped loss (+ beta KL), each averaging over all
-trained steps and the mini-batch's trajectories. Evaluation every ``eval_every`` updates is
-independent of selection: fixed-seed ODE samples on fixed prompts, and a fresh, unselected SDE group.
+Per update (``collect`` then ``optimise``): P prompts from the task, a rollout (``rollout`` or
+``expand_and_prune``) with the config's sampler, final rewards, an optional static selection
+(``select_subset``), group advantages over the trained group, then ``num_minibatches`` optimizer
+steps of ``grpo_objective``. The task's evaluation (every ``eval_every`` updates) is independent of
+selection. ``train(config, task)`` runs it all, with a progress bar, a history and exact resume.
 """
 from __future__ import annotations
 
+import json
+import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from .grpo import clipped_policy_loss, gaussian_kl, group_advantages, step_log_prob
-from .model import load_flow_model, sigma_schedule
+from .checkpoint import load_training_checkpoint, save_training_checkpoint
+from .grpo import group_advantages, grpo_objective
 from .ovf import STRATEGIES, select_subset
 from .pro_grpo import PRESETS, PruneSchedule, expand_and_prune
-from .rewards import HEADLINE_REWARD, get_reward
-from .rollout import NFECounter, rollout, sample
+from .rollout import NFECounter, Rollout, rollout
+from .samplers import FlowSDE, Sampler
+from .task import check_task
 
 TIMING_KEYS = ("sampling_s", "optimisation_s", "eval_s")
+RESUMABLE_CHANGES = ("num_updates", "progress", "checkpoint_path", "checkpoint_every")  # may differ on resume
 
 
 @dataclass
 class TrainConfig:
-    """One GRPO run. Defaults: Flow-GRPO (G = 24) on the headline reward, sized for a laptop CPU."""
+    """One GRPO run. Defaults: Flow-GRPO (G = 24, SDE a = 0.7, T = 10), sized for a laptop CPU."""
 
     arm: str = "flow_grpo"
     """a label for logs and plots"""
     schedule: PruneSchedule = field(default_factory=lambda: PRESETS["flow_grpo"])
     """group sizes and prune steps; a single size means plain GRPO sampling"""
+    sampler: Sampler = field(default_factory=FlowSDE)
+    """the stochastic sampler of the rollouts (its steps must equal the schedule's)"""
     prune_strategy: str = "ovf"
     """how Expand-and-Prune picks survivors from the preview rewards"""
     selection: str = "all"
@@ -51,11 +57,7 @@ class TrainConfig:
     num_updates: int = 60
     """rollout + optimisation rounds"""
     prompts_per_update: int = 4
-    """P: prompts (digits drawn uniformly) per rollout"""
-    noise_level: float = 0.7
-    """a: Flow-GRPO's SDE noise level"""
-    reward: str = HEADLINE_REWARD
-    """the training reward (also scores previews)"""
+    """P: prompts (drawn by the task) per rollout"""
     lr: float = 1e-4
     """Adam learning rate"""
     clip_range: float = 1e-3
@@ -71,7 +73,7 @@ class TrainConfig:
     global_std: bool = False
     """normalise advantages by one std over the whole batch instead of per group"""
     beta: float = 0.0
-    """KL weight to the frozen pretrained policy (exact per-step KL; see grpo.py for the dt convention)"""
+    """KL weight to the task's reference policy (exact per-step KL; see grpo.py for the dt convention)"""
     num_minibatches: int = 2
     """optimizer steps per rollout; the first is on-policy (ratio 1), the clip acts from the second"""
     train_steps_fraction: float = 1.0
@@ -81,38 +83,23 @@ class TrainConfig:
     """gradient-norm clip"""
     eval_every: int = 10
     """evaluate before the first update and after every eval_every updates (and at the end)"""
-    eval_per_class: int = 4
-    """fixed-seed ODE samples per digit in the evaluation"""
-    eval_group: int = 24
-    """size of the fresh, unselected SDE group per digit in the evaluation"""
-    eval_rewards: tuple[str, ...] = ("margin_heldout",)
-    """extra (out-of-domain) rewards scored on the evaluation's ODE samples"""
     cluster_delta: float = 0.5
-    """delta of the clustering region |A| <= delta"""
+    """delta of the clustering region |A| <= delta (logged per update)"""
     seed: int = 0
-    """seed of prompts, noise and mini-batch order (the evaluation has its own fixed seed)"""
-    eval_seed: int = 1234
-    """seed of the evaluation's noise: the same for every arm and run"""
+    """seed of prompts, noise and mini-batch order (the task's evaluation has its own fixed seed)"""
     device: str = "cpu"
     """torch device"""
-    latent_shape: tuple[int, ...] = (1, 8, 8)
-    """[C, H, W] of the model's latents (SD3.5-M at 512 px: (16, 64, 64)). ``sample_group`` and
-    ``optimise`` honour it; ``train``'s evaluation uses the digit rewards, so ``train`` itself is for
-    the digit model (drive another model with ``sample_group`` + ``optimise``, as ``bench.py`` does)"""
     checkpoint_path: str | None = None
-    """save model, optimizer, RNG and history here (resume with train(config, resume=True))"""
+    """save policy, optimizer, RNG and history here (resume with train(config, task, resume=True))"""
     checkpoint_every: int = 0
     """also save every this many updates (0: only at the end)"""
     progress: bool = True
     """show a progress bar"""
 
     def __post_init__(self):
-        if self.selection != "all" and self.selection not in STRATEGIES:
-            raise ValueError(f"selection={self.selection!r} must be 'all' or one of {STRATEGIES}")
-        if self.selection != "all" and not 2 <= self.select_k <= self.schedule.final_size:
-            raise ValueError(f"select_k={self.select_k} must be in [2, {self.schedule.final_size}]")
-        if self.num_minibatches < 1:
-            raise ValueError(f"num_minibatches={self.num_minibatches} must be >= 1")
+        if isinstance(self.schedule, dict):  # from a history's JSON
+            self.schedule = PruneSchedule(**self.schedule)
+        _validate(self)
 
     @property
     def trained_steps(self) -> int:
@@ -122,6 +109,69 @@ class TrainConfig:
     @property
     def trained_group_size(self) -> int:
         return self.schedule.final_size if self.selection == "all" else self.select_k
+
+    def to_dict(self) -> dict:
+        """JSON-able: the schedule as a dict, the sampler as its class name and fields."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["schedule"] = asdict(self.schedule)
+        d["sampler"] = {"family": type(self.sampler).__name__, **asdict(self.sampler)}
+        return d
+
+
+def _validate(c: TrainConfig) -> None:
+    """Every field against its rule; the error names the value and the rule."""
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+
+    def integer(name, lo):
+        v = getattr(c, name)
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name}={v!r} must be an integer >= {lo}")
+
+    def number(name, lo, hi=math.inf, lo_open=True):
+        v = getattr(c, name)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi == math.inf else ']'}"
+        need(ok, f"{name}={v!r} must be a finite number in {interval}")
+
+    need(isinstance(c.arm, str) and c.arm, f"arm={c.arm!r} must be a non-empty label")
+    need(isinstance(c.schedule, PruneSchedule), f"schedule={c.schedule!r} must be a PruneSchedule")
+    need(isinstance(c.sampler, Sampler), f"sampler={c.sampler!r} must be a Sampler (e.g. FlowSDE())")
+    need(c.sampler.stochastic, f"sampler={c.sampler!r} is deterministic: a trainable run needs a stochastic sampler "
+                               f"(its steps need a log-probability), e.g. FlowSDE(noise_level=0.7)")
+    need(c.sampler.num_steps == c.schedule.num_steps,
+         f"the sampler has {c.sampler.num_steps} steps but the schedule {c.schedule.num_steps}")
+    need(c.prune_strategy in STRATEGIES, f"prune_strategy={c.prune_strategy!r} must be one of {STRATEGIES}")
+    need(c.selection == "all" or c.selection in STRATEGIES, f"selection={c.selection!r} must be 'all' or one of {STRATEGIES}")
+    integer("select_k", 2)
+    need(c.selection == "all" or c.select_k <= c.schedule.final_size,
+         f"select_k={c.select_k} must be in [2, {c.schedule.final_size}] (the final group size)")
+    integer("num_updates", 0)
+    integer("prompts_per_update", 1)
+    number("lr", 0, 1)
+    number("clip_range", 0, 1)
+    number("adv_clip", 0, math.inf)
+    number("adv_eps", 0, 1, lo_open=False)
+    need(isinstance(c.global_std, bool), f"global_std={c.global_std!r} must be True or False")
+    number("beta", 0, math.inf, lo_open=False)
+    integer("num_minibatches", 1)
+    trained = c.prompts_per_update * c.trained_group_size
+    need(c.num_minibatches <= trained,
+         f"num_minibatches={c.num_minibatches} must be <= the {trained} trajectories trained on per update")
+    number("train_steps_fraction", 0, 1)
+    number("max_grad_norm", 0, math.inf)
+    integer("eval_every", 1)
+    number("cluster_delta", 0, math.inf)
+    integer("seed", 0)
+    try:
+        torch.device(c.device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={c.device!r} is not a torch device ({e})") from None
+    need(c.checkpoint_path is None or isinstance(c.checkpoint_path, str) and c.checkpoint_path,
+         f"checkpoint_path={c.checkpoint_path!r} must be None or a path string")
+    integer("checkpoint_every", 0)
+    need(isinstance(c.progress, bool), f"progress={c.progress!r} must be True or False")
 
 
 ARMS = {
@@ -144,32 +194,25 @@ def arm_config(name: str, **overrides) -> TrainConfig:
     return TrainConfig(**{"arm": name, **ARMS[name], **overrides})
 
 
-# ---------------------------------------------------------------- evaluation (independent of selection)
-@torch.no_grad()
-def evaluate(model, config: TrainConfig, rewards: dict, sigmas: torch.Tensor) -> dict:
-    """Fixed-seed ODE samples on fixed prompts + one fresh unselected SDE group per digit."""
-    dev = config.device
-    g = torch.Generator().manual_seed(config.eval_seed)
-    prompts = torch.arange(10, device=dev).repeat_interleave(config.eval_per_class)
-    images = sample(model, prompts, sigmas, 0.0, g)
-    scores = {name: fn(images, prompts) for name, fn in rewards.items()}
-    out = {f"eval_{name}": r.mean().item() for name, r in scores.items()}
-    # margin > 0 <=> the reward classifier's top class is the requested digit
-    out["eval_accuracy"] = (scores["margin"] > 0).float().mean().item()
-    per_prompt = images.view(10, config.eval_per_class, -1)
-    out["eval_diversity"] = torch.cdist(per_prompt, per_prompt).sum().item() / (10 * config.eval_per_class * max(config.eval_per_class - 1, 1))
-    fresh = rollout(model, torch.arange(10, device=dev), config.eval_group, sigmas, config.noise_level, g)
-    R = fresh.final_rewards(rewards[config.reward])
-    A = (R - R.mean(1, keepdim=True)) / (R.std(1, unbiased=False, keepdim=True) + config.adv_eps)
-    out["fresh_reward_mean"] = R.mean().item()
-    out["fresh_reward_std"] = R.std(1, unbiased=False).mean().item()
-    out["fresh_cluster_frac"] = (A.abs() <= config.cluster_delta).float().mean().item()
-    return out
+# ---------------------------------------------------------------- one update: collect, then optimise
+def collect(model: Callable, task, config: TrainConfig, generator: torch.Generator) -> tuple[Rollout, torch.Tensor]:
+    """One update's rollout, final rewards and static selection: (trained rollout, R ``[P, K]``)."""
+    prompts = task.sample_prompts(config.prompts_per_update, generator).to(config.device)
+    if len(config.schedule.group_sizes) > 1:
+        ro = expand_and_prune(model, config.sampler, prompts, config.schedule, task.reward, generator,
+                              config.prune_strategy, task.latent_shape)
+    else:
+        ro = rollout(model, config.sampler, prompts, config.schedule.group_sizes[0], generator, latent_shape=task.latent_shape)
+    R = ro.final_rewards(task.reward)
+    if config.selection != "all":
+        keep = select_subset(R, config.select_k, config.selection, generator)
+        ro, R = ro.select(keep), R.gather(1, keep)
+    return ro, R
 
 
-# ---------------------------------------------------------------- one GRPO optimisation round
-def optimise(model, ref_model, optimizer, ro, advantages, config: TrainConfig, generator) -> dict:
-    """``num_minibatches`` optimizer steps over the trained trajectories; returns loss statistics."""
+def optimise(model, reference, optimizer, ro: Rollout, advantages: torch.Tensor, config: TrainConfig,
+             generator: torch.Generator) -> dict:
+    """``num_minibatches`` optimizer steps of ``grpo_objective`` over the trained trajectories."""
     P, K, T = ro.log_probs.shape
     latents, prompts = ro.latents.flatten(0, 1), ro.prompts.flatten()  # [N, T + 1, C, H, W], [N]
     old_lp, adv = ro.log_probs.flatten(0, 1), advantages.flatten()  # [N, T], [N]
@@ -178,77 +221,57 @@ def optimise(model, ref_model, optimizer, ro, advantages, config: TrainConfig, g
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_dev_first": 0.0}
     for i, mb in enumerate(perm.chunk(config.num_minibatches)):
         optimizer.zero_grad(set_to_none=True)
-        for t in steps:
-            lp, mean, std = step_log_prob(model, latents[mb], prompts[mb], ro.sigmas, t, config.noise_level)
-            pg, clipped = clipped_policy_loss(lp, old_lp[mb, t], adv[mb], config.clip_range)
-            loss = pg.mean()
-            if config.beta > 0:
-                with torch.no_grad():
-                    _, ref_mean, _ = step_log_prob(ref_model, latents[mb], prompts[mb], ro.sigmas, t, config.noise_level)
-                kl = gaussian_kl(mean, ref_mean, std).mean()
-                loss = loss + config.beta * kl
-                stats["kl"] += kl.item() / (len(steps) * config.num_minibatches)
-            (loss / len(steps)).backward()
-            stats["loss"] += loss.item() / (len(steps) * config.num_minibatches)
-            stats["clip_frac"] += clipped.float().mean().item() / (len(steps) * config.num_minibatches)
-            if i == 0:
-                dev = (lp.detach() - old_lp[mb, t]).abs().max().item()
-                stats["ratio_dev_first"] = max(stats["ratio_dev_first"], dev)
+        out = grpo_objective(model, config.sampler, latents[mb], prompts[mb], old_lp[mb], adv[mb], steps,
+                             config.clip_range, config.beta, reference, backward=True)
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
+        stats["loss"] += out.loss.item() / config.num_minibatches
+        stats["kl"] += out.kl / config.num_minibatches
+        stats["clip_frac"] += out.clip_frac / config.num_minibatches
+        if i == 0:
+            stats["ratio_dev_first"] = out.max_abs_log_ratio
     return stats
 
 
-def sample_group(model, config: TrainConfig, reward_fn, sigmas, generator):
-    """One update's rollout, final rewards and static selection: (trained rollout, R ``[P, K]``)."""
-    prompts = torch.randint(10, (config.prompts_per_update,), generator=generator).to(config.device)
-    if len(config.schedule.group_sizes) > 1:
-        ro = expand_and_prune(model, prompts, config.schedule, reward_fn, sigmas, config.noise_level, generator,
-                              config.prune_strategy, config.latent_shape)
-    else:
-        ro = rollout(model, prompts, config.schedule.group_sizes[0], sigmas, config.noise_level, generator,
-                     latent_shape=config.latent_shape)
-    R = ro.final_rewards(reward_fn)
-    if config.selection != "all":
-        keep = select_subset(R, config.select_k, config.selection, generator)
-        ro, R = ro.select(keep), R.gather(1, keep)
-    return ro, R
-
-
 # ---------------------------------------------------------------- the loop
-def train(config: TrainConfig, resume: bool = False, model=None) -> dict:
-    """Run GRPO as configured; returns ``{"config", "updates": [per-update dict], "evals": [...]}``.
+def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Module | None = None) -> dict:
+    """Run GRPO as configured on ``task`` (see ``progrpo_ref.task``); returns
+    ``{"config", "task", "updates": [per-update dict], "evals": [...]}``.
 
-    ``resume=True`` continues from ``config.checkpoint_path`` up to ``config.num_updates``; the
-    history then equals an uninterrupted run's, timings aside (same thread count).
+    ``model`` defaults to ``task.policy(device)``; it is trained in place. ``resume=True`` continues
+    from ``config.checkpoint_path`` up to ``config.num_updates``; the history then equals an
+    uninterrupted run's, timings aside (same thread count). A checkpoint whose config or task differs
+    from this one (other than ``RESUMABLE_CHANGES``) is refused, naming the fields.
     """
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    check_task(task)
+    if resume and not config.checkpoint_path:
+        raise ValueError("resume=True needs config.checkpoint_path")
     dev = config.device
-    model = model if model is not None else load_flow_model(device=dev)
+    model = model if model is not None else task.policy(dev)
     model.requires_grad_(True)
-    ref_model = load_flow_model(device=dev).requires_grad_(False) if config.beta > 0 else None
-    names = dict.fromkeys([config.reward, "margin", *config.eval_rewards])  # margin gives the accuracy
-    rewards = {n: get_reward(n, dev) for n in names}
-    reward_fn = rewards[config.reward]
-    sigmas = sigma_schedule(config.schedule.num_steps)
+    reference = task.reference(model, dev) if config.beta > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     counter = NFECounter(model)
-    history = {"config": _config_dict(config), "updates": [], "evals": []}
+    history = {"config": config.to_dict(), "task": task.describe(), "updates": [], "evals": []}
     start = 0
 
     if resume:
-        state = torch.load(config.checkpoint_path, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        history["updates"], history["evals"] = state["updates"], state["evals"]
+        ckpt = load_training_checkpoint(config.checkpoint_path, dev)
+        _check_resumable(ckpt["state"], history, config.checkpoint_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["extra"]["generator"])
+        history["updates"], history["evals"] = ckpt["state"]["updates"], ckpt["state"]["evals"]
         start = len(history["updates"])
         if history["evals"] and history["evals"][-1]["update"] % config.eval_every:
             history["evals"].pop()  # an end-of-run evaluation off the eval_every grid
 
     def run_eval(u):
         t = time.perf_counter()
-        history["evals"].append({"update": u, **evaluate(model, config, rewards, sigmas), "eval_s": time.perf_counter() - t})
+        history["evals"].append({"update": u, **task.evaluate(model, config.sampler), "eval_s": time.perf_counter() - t})
 
     if start == 0:
         run_eval(0)
@@ -256,10 +279,10 @@ def train(config: TrainConfig, resume: bool = False, model=None) -> dict:
     for u in bar:
         t0 = time.perf_counter()
         counter.nfe = 0
-        ro, R = sample_group(counter, config, reward_fn, sigmas, generator)
+        ro, R = collect(counter, task, config, generator)
         t1 = time.perf_counter()
         A = group_advantages(R, config.adv_eps, config.global_std, config.adv_clip)
-        stats = optimise(model, ref_model, optimizer, ro, A, config, generator)
+        stats = optimise(model, reference, optimizer, ro, A, config, generator)
         t2 = time.perf_counter()
         within_std = R.std(1, unbiased=False)
         history["updates"].append({
@@ -276,25 +299,32 @@ def train(config: TrainConfig, resume: bool = False, model=None) -> dict:
         })
         if (u + 1) % config.eval_every == 0 or u + 1 == config.num_updates:
             run_eval(u + 1)
-        bar.set_postfix(reward=f"{history['updates'][-1]['reward_mean']:.2f}", eval=f"{history['evals'][-1]['eval_' + config.reward]:.2f}")
+        bar.set_postfix(reward=f"{history['updates'][-1]['reward_mean']:.2f}")
         if config.checkpoint_path and ((config.checkpoint_every and (u + 1) % config.checkpoint_every == 0) or u + 1 == config.num_updates):
-            save_checkpoint(config.checkpoint_path, model, optimizer, generator, history)
+            save_training_checkpoint(config.checkpoint_path, model, optimizer, history,
+                                     {"generator": generator.get_state()})
     return history
 
 
-def save_checkpoint(path, model, optimizer, generator, history) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "updates": history["updates"], "evals": history["evals"]}, path)
+def _check_resumable(saved: dict, history: dict, path) -> None:
+    """Refuse to resume a run whose config or task differs from the checkpoint's, naming the fields."""
+    def diff(a: dict, b: dict, prefix: str):
+        keys = sorted(set(a) | set(b))
+        return [f"{prefix}{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys
+                if k not in RESUMABLE_CHANGES and _jsonable(a.get(k)) != _jsonable(b.get(k))]
+
+    differing = diff(saved.get("config", {}), history["config"], "") + diff(saved.get("task", {}), history["task"], "task.")
+    if differing:
+        raise ValueError(f"cannot resume from {path}: the config differs from the checkpoint's in "
+                         + "; ".join(differing) + f" (only {', '.join(RESUMABLE_CHANGES)} may change)")
 
 
-def _config_dict(config: TrainConfig) -> dict:
-    d = asdict(config)
-    d["schedule"] = asdict(config.schedule)
-    return d
+def _jsonable(v):
+    return json.loads(json.dumps(v))
 
 
 def strip_timings(history: dict) -> dict:
     """The history without wall-clock fields (for comparing runs)."""
     drop = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
     return {"updates": drop(history["updates"]), "evals": drop(history["evals"])}
+

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from progrpo_ref.analysis import (clustering_fraction, compute_vs_gradient_share, curve, gaussian_clustering_fraction,
+from progrpo_ref.study.analysis import (clustering_fraction, compute_vs_gradient_share, curve, gaussian_clustering_fraction,
                                   paired_difference, rank_correlation, standardized_moments, verdict)
 
 
@@ -56,7 +56,7 @@ def test_curve_and_paired_difference():
 
 
 def test_quick_profile_never_writes_to_figures(monkeypatch):
-    from progrpo_ref import plots
+    from progrpo_ref.study import plots
 
     monkeypatch.setenv(plots.PROFILE_ENV, "quick")
     assert plots.current_profile() == "quick"
@@ -66,22 +66,8 @@ def test_quick_profile_never_writes_to_figures(monkeypatch):
         plots.current_profile()
 
 
-def test_sd3_adapter_drives_the_core_with_16_channel_latents():
-    from progrpo_ref.model import sigma_schedule
-    from progrpo_ref.pro_grpo import PruneSchedule, expand_and_prune
-    from progrpo_ref.sd3_adapter import DecodeAndScore, random_sd35_medium
-
-    model = random_sd35_medium(num_layers=1, dual_attention_layers=(0,), num_attention_heads=2, attention_head_dim=16,
-                               caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=16)
-    reward = DecodeAndScore(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
-    ro = expand_and_prune(model, torch.tensor([0, 1]), PruneSchedule((4, 2), (2,), 4), reward, sigma_schedule(4),
-                          latent_shape=(16, 8, 8))
-    assert ro.latents.shape == (2, 2, 5, 16, 8, 8) and ro.nfe == 2 * (4 * 2 + 2 * 2)
-    assert torch.isfinite(ro.log_probs).all()
-
-
 def test_benchmark_measures_the_schedules_nfe(tmp_path):
-    from progrpo_ref import bench
+    from progrpo_ref.study import bench
 
     out = tmp_path / "bench.json"
     bench.main(["--quick", "--threads", "1", "--json", str(out)])
@@ -96,7 +82,7 @@ def test_benchmark_measures_the_schedules_nfe(tmp_path):
 
 
 def test_equal_compute_difference_interpolates_at_the_smaller_budget():
-    from progrpo_ref.analysis import equal_compute_difference
+    from progrpo_ref.study.analysis import equal_compute_difference
 
     # a: 100 NFE per update, value rises 1 per eval (every 2 updates); b: 50 NFE per update, rises 0.5
     def h(seed, nfe, slope, evals=4):

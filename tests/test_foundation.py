@@ -5,11 +5,11 @@ import shutil
 import pytest
 import torch
 
-from progrpo_ref.classifier import heldout_accuracy, load_classifier
-from progrpo_ref.data import load_digits_tensors, load_split
-from progrpo_ref.model import FlowModel, FlowModelConfig, load_flow_model, sigma_schedule
-from progrpo_ref.pretrain import PretrainConfig, pretrain_flow, sample_accuracy
-from progrpo_ref.rewards import HEADLINE_REWARD, REWARDS, decode, get_reward
+from progrpo_ref.digits.classifier import heldout_accuracy, load_classifier
+from progrpo_ref.digits.data import load_digits_tensors, load_split
+from progrpo_ref.digits.model import FlowModel, FlowModelConfig, load_flow_model
+from progrpo_ref.digits.pretrain import PretrainConfig, pretrain_flow, sample_accuracy
+from progrpo_ref.digits.rewards import HEADLINE_REWARD, REWARDS, decode, get_reward
 
 
 def test_data_shape_range_and_split():
@@ -37,15 +37,6 @@ def test_model_forward_shapes_and_prompt_conditioning():
     assert m(x, 0.5, torch.arange(6)).shape == (6, 1, 8, 8)  # float sigma broadcasts
     tokens, pooled = m.encode_prompts(torch.arange(6))
     assert tokens.shape == (6, 4, 32) and pooled.shape == (6, 32)
-
-
-def test_sigma_schedule_is_uniform_and_ends_at_zero():
-    s = sigma_schedule(10)
-    assert torch.allclose(s, torch.linspace(1, 0, 11), atol=1e-6)
-    shifted = sigma_schedule(10, shift=3.0)
-    # diffusers' time shift: shift * s / (1 + (shift - 1) * s)
-    u = torch.linspace(1, 0.1, 10)
-    assert torch.allclose(shifted[:-1], 3 * u / (1 + 2 * u), atol=1e-6) and shifted[-1] == 0
 
 
 def test_short_pretraining_lowers_the_loss():
@@ -138,7 +129,7 @@ def test_unknown_reward_is_named():
 
 
 def test_non_finite_reward_raises():
-    from progrpo_ref.rewards import Reward
+    from progrpo_ref.digits.rewards import Reward
 
     class Broken(Reward):
         name = "broken"
@@ -151,14 +142,14 @@ def test_non_finite_reward_raises():
 
 
 def test_missing_and_corrupted_checkpoints_name_the_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m progrpo_ref.pretrain"):
+    with pytest.raises(FileNotFoundError, match="python -m progrpo_ref.digits.pretrain"):
         load_flow_model(tmp_path / "absent.safetensors")
     bad = tmp_path / "corrupt.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(RuntimeError, match="could not be loaded.*python -m progrpo_ref.pretrain"):
+    with pytest.raises(RuntimeError, match="could not be loaded.*python -m progrpo_ref.digits.pretrain"):
         load_flow_model(bad)
     # a classifier checkpoint where a flow model is expected is refused too
-    from progrpo_ref.classifier import CLASSIFIER_CHECKPOINTS
+    from progrpo_ref.digits.classifier import CLASSIFIER_CHECKPOINTS
 
     wrong = tmp_path / "wrong.safetensors"
     shutil.copy(CLASSIFIER_CHECKPOINTS["reward"], wrong)

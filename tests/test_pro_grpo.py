@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from progrpo_ref.grpo import step_log_prob
-from progrpo_ref.model import sigma_schedule
 from progrpo_ref.ovf import ovf_select
 from progrpo_ref.pro_grpo import PRESETS, PruneSchedule, expand_and_prune, record_previews
 from progrpo_ref.rollout import NFECounter, rollout
+from progrpo_ref.samplers import FlowSDE
 
 
 def test_schedule_nfe():
@@ -26,6 +26,9 @@ def test_schedule_nfe():
         (dict(group_sizes=(48, 24, 12), prune_steps=(7, 5)), "strictly increasing"),
         (dict(group_sizes=(48, 24), prune_steps=(10,)), r"inside \(0, num_steps=10\)"),
         (dict(group_sizes=(48, 24), prune_steps=(0,)), r"inside \(0, num_steps=10\)"),
+        (dict(group_sizes=(48.0, 24), prune_steps=(5,)), "must be integers"),
+        (dict(group_sizes=48, prune_steps=()), "must be sequences"),
+        (dict(group_sizes=(48,), prune_steps=(), num_steps=0), "num_steps=0 must be >= 1"),
     ],
 )
 def test_schedule_validation(kwargs, match):
@@ -33,9 +36,17 @@ def test_schedule_validation(kwargs, match):
         PruneSchedule(**kwargs)
 
 
-def test_rollout_rejects_a_bad_sigma_schedule(flow_model):
-    with pytest.raises(ValueError, match="strictly decreasing"):
-        rollout(flow_model, torch.tensor([1]), 4, torch.tensor([1.0, 0.5, 0.5, 0.0]))
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(group_size=0), "group_size=0 must be an integer >= 1"),
+    (dict(prompts=torch.tensor([1.0])), "integer tensor"),
+    (dict(prompts=torch.tensor([], dtype=torch.long)), "non-empty"),
+    (dict(preview_steps=(11,)), r"preview_steps=\(11,\) must lie in \[1, 10\]"),
+    (dict(sampler=None), "sampler must be a Sampler"),
+])
+def test_rollout_rejects_bad_input(flow_model, sde, kwargs, match):
+    args = dict(sampler=sde, prompts=torch.tensor([1]), group_size=4) | kwargs
+    with pytest.raises(ValueError, match=match):
+        rollout(flow_model, **args)
 
 
 @pytest.mark.parametrize("name", ["standard", "flash", "flow_grpo"])
@@ -45,18 +56,18 @@ def test_measured_nfe_equals_the_schedule(flow_model, margin_reward, name):
     prompts = torch.tensor([0, 4, 9])
     g = torch.Generator().manual_seed(0)
     if len(sched.group_sizes) > 1:
-        ro = expand_and_prune(counter, prompts, sched, margin_reward, sigma_schedule(10), 0.7, g)
+        ro = expand_and_prune(counter, FlowSDE(), prompts, sched, margin_reward, g)
     else:
-        ro = rollout(counter, prompts, 24, sigma_schedule(10), 0.7, g)
+        ro = rollout(counter, FlowSDE(), prompts, 24, g)
     assert counter.nfe == ro.nfe == sched.nfe() * 3
     assert counter.calls == 10  # one batched network call per step
     assert ro.latents.shape == (3, sched.final_size, 11, 1, 8, 8) and ro.log_probs.shape == (3, sched.final_size, 10)
 
 
-def test_expand_and_prune_keeps_the_ovf_subset_of_previews(flow_model, margin_reward):
+def test_expand_and_prune_keeps_the_ovf_subset_of_previews(flow_model, margin_reward, sde):
     sched = PruneSchedule((16, 8, 4), (5, 7), 10)
-    sigmas = sigma_schedule(10)
-    ro = expand_and_prune(flow_model, torch.tensor([2, 6]), sched, margin_reward, sigmas, 0.7, torch.Generator().manual_seed(1))
+    sigmas = sde.sigmas
+    ro = expand_and_prune(flow_model, sde, torch.tensor([2, 6]), sched, margin_reward, torch.Generator().manual_seed(1))
     assert [p["step"] for p in ro.previews] == [5, 7]
     assert [tuple(p["rewards"].shape) for p in ro.previews] == [(2, 16), (2, 8)]
     for p in ro.previews:
@@ -73,23 +84,25 @@ def test_expand_and_prune_keeps_the_ovf_subset_of_previews(flow_model, margin_re
     # survivors keep a consistent history: re-scored log-probs match the stored ones
     with torch.no_grad():
         for t in range(10):
-            lp, _, _ = step_log_prob(flow_model, lat, prompts, sigmas, t, 0.7)
+            lp = step_log_prob(flow_model, sde, lat, prompts, t).log_prob
             assert (lp - ro.log_probs.flatten(0, 1)[:, t]).abs().max() < 1e-5
 
 
-def test_record_previews_prunes_nothing(flow_model, margin_reward):
-    ro, proxies = record_previews(flow_model, torch.tensor([1, 2]), 6, margin_reward, sigma_schedule(10), (3, 9))
+def test_record_previews_prunes_nothing(flow_model, margin_reward, sde):
+    ro, proxies = record_previews(flow_model, sde, torch.tensor([1, 2]), 6, margin_reward, (3, 9))
     assert ro.images.shape == (2, 6, 1, 8, 8) and sorted(proxies) == [3, 9]
     assert proxies[9].shape == (2, 6)
 
 
-def test_prune_schedule_must_match_sigmas(flow_model, margin_reward):
+def test_prune_schedule_must_match_the_sampler(flow_model, margin_reward):
     with pytest.raises(ValueError, match="20 steps but the prune schedule 10"):
-        expand_and_prune(flow_model, torch.tensor([1]), PRESETS["standard"], margin_reward, sigma_schedule(20))
+        expand_and_prune(flow_model, FlowSDE(20), torch.tensor([1]), PRESETS["standard"], margin_reward)
+    with pytest.raises(ValueError, match="strategy='best'"):
+        expand_and_prune(flow_model, FlowSDE(10), torch.tensor([1]), PRESETS["standard"], margin_reward, strategy="best")
 
 
 def test_rollout_select_gathers_the_same_trajectories(flow_model):
-    ro = rollout(flow_model, torch.tensor([1, 2]), 5, sigma_schedule(4), 0.7, torch.Generator().manual_seed(0))
+    ro = rollout(flow_model, FlowSDE(4), torch.tensor([1, 2]), 5, torch.Generator().manual_seed(0))
     keep = torch.tensor([[4, 0], [2, 3]])
     sub = ro.select(keep)
     for p in range(2):

@@ -1,43 +1,111 @@
-"""The training loop: every arm runs, the evaluation is selection-independent, resume is exact."""
+"""The training loop: every arm runs on the digits task, configs are validated, checkpoints resume exactly."""
+import json
+
 import pytest
+import torch
 
+from progrpo_ref.digits import DigitsTask
 from progrpo_ref.pro_grpo import PruneSchedule
-from progrpo_ref.trainer import ARMS, arm_config, strip_timings, train
+from progrpo_ref.samplers import FlowSDE
+from progrpo_ref.trainer import ARMS, TrainConfig, arm_config, strip_timings, train
 
-TINY = dict(num_updates=2, prompts_per_update=2, eval_every=2, eval_per_class=2, eval_group=4, progress=False)
+TINY = dict(num_updates=2, prompts_per_update=2, eval_every=2, progress=False)
+TASK = DigitsTask(eval_per_class=2, eval_group=4)
 
 
 @pytest.mark.parametrize("arm", sorted(ARMS))
 def test_every_arm_trains(arm):
-    h = train(arm_config(arm, **TINY))
+    h = train(arm_config(arm, **TINY), TASK)
     cfg = arm_config(arm)
     for row in h["updates"]:
         assert row["nfe_per_prompt"] == cfg.schedule.nfe()
         assert row["trained_per_prompt"] == cfg.trained_group_size
         assert 0 <= row["cluster_frac"] <= 1 and row["ratio_dev_first"] < 1e-5
     assert [e["update"] for e in h["evals"]] == [0, 2]
-    assert h["evals"][0]["eval_margin"] == pytest.approx(train(arm_config("g12", **{**TINY, "num_updates": 0}))["evals"][0]["eval_margin"])
+    assert h["task"] == TASK.describe() and h["config"]["arm"] == arm
+    json.dumps(h)  # the history is plain JSON
+    assert h["evals"][0]["eval_margin"] == pytest.approx(train(arm_config("g12", **{**TINY, "num_updates": 0}), TASK)["evals"][0]["eval_margin"])
 
 
 def test_resume_reproduces_the_history(tmp_path):
     base = dict(TINY, num_updates=4, schedule=PruneSchedule((8, 4), (5,), 10), beta=0.01)
-    full = train(arm_config("standard", **base))
-    ckpt = tmp_path / "run.pt"
-    train(arm_config("standard", **{**base, "num_updates": 2, "checkpoint_path": str(ckpt)}))
-    resumed = train(arm_config("standard", **{**base, "checkpoint_path": str(ckpt)}), resume=True)
+    full = train(arm_config("standard", **base), TASK)
+    ckpt = tmp_path / "run.safetensors"
+    train(arm_config("standard", **{**base, "num_updates": 2, "checkpoint_path": str(ckpt)}), TASK)
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed, not left behind
+    resumed = train(arm_config("standard", **{**base, "checkpoint_path": str(ckpt)}), TASK, resume=True)
     assert strip_timings(resumed) == strip_timings(full)
 
 
-def test_config_errors():
-    with pytest.raises(ValueError, match="selection='best'"):
-        arm_config("ovf", selection="best")
-    with pytest.raises(ValueError, match="select_k=30 must be in \\[2, 24\\]"):
-        arm_config("ovf", select_k=30)
-    with pytest.raises(ValueError, match="arm='grpo'"):
+def test_resume_refuses_a_different_config_and_names_bad_files(tmp_path):
+    ckpt = tmp_path / "run.safetensors"
+    base = dict(TINY, num_updates=1, checkpoint_path=str(ckpt))
+    train(arm_config("flow_grpo", **base), TASK)
+    with pytest.raises(ValueError, match=r"config differs .* lr: checkpoint 0.0001, now 0.0002; seed: checkpoint 0, now 3"):
+        train(arm_config("flow_grpo", **{**base, "lr": 2e-4, "seed": 3, "num_updates": 2}), TASK, resume=True)
+    with pytest.raises(ValueError, match="task.reward_name: checkpoint 'margin', now 'prob'"):
+        train(arm_config("flow_grpo", **{**base, "num_updates": 2}), DigitsTask(reward_name="prob", eval_per_class=2, eval_group=4), resume=True)
+    missing = tmp_path / "absent.safetensors"
+    with pytest.raises(FileNotFoundError, match="absent.safetensors"):
+        train(arm_config("flow_grpo", **{**base, "checkpoint_path": str(missing)}), TASK, resume=True)
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated.safetensors is unreadable"):
+        train(arm_config("flow_grpo", **{**base, "checkpoint_path": str(bad)}), TASK, resume=True)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(selection="best"), "selection='best' must be 'all' or one of"),
+    (dict(select_k=30, selection="ovf"), r"select_k=30 must be in \[2, 24\]"),
+    (dict(prune_strategy="median"), "prune_strategy='median'"),
+    (dict(lr=0), r"lr=0 must be a finite number in \(0, 1\]"),
+    (dict(lr=float("nan")), "lr=nan"),
+    (dict(clip_range=-1e-3), "clip_range=-0.001"),
+    (dict(beta=-0.1), r"beta=-0.1 must be a finite number in \[0, inf\)"),
+    (dict(num_minibatches=0), "num_minibatches=0 must be an integer >= 1"),
+    (dict(num_minibatches=100, prompts_per_update=2), "num_minibatches=100 must be <= the 48 trajectories"),
+    (dict(train_steps_fraction=1.5), r"train_steps_fraction=1.5 must be a finite number in \(0, 1\]"),
+    (dict(train_steps_fraction=0), "train_steps_fraction=0"),
+    (dict(prompts_per_update=0), "prompts_per_update=0 must be an integer >= 1"),
+    (dict(num_updates=-1), "num_updates=-1"),
+    (dict(num_updates=2.5), "num_updates=2.5 must be an integer"),
+    (dict(eval_every=0), "eval_every=0"),
+    (dict(adv_clip=0), "adv_clip=0"),
+    (dict(max_grad_norm=0), "max_grad_norm=0"),
+    (dict(seed=-1), "seed=-1"),
+    (dict(device="gpu0"), "device='gpu0' is not a torch device"),
+    (dict(sampler=FlowSDE(10, 0.0)), "deterministic: a trainable run needs a stochastic sampler"),
+    (dict(sampler=FlowSDE(20)), "the sampler has 20 steps but the schedule 10"),
+    (dict(sampler="sde"), "sampler='sde' must be a Sampler"),
+    (dict(checkpoint_every=-2), "checkpoint_every=-2"),
+])
+def test_config_errors_name_the_value_and_the_rule(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        arm_config("flow_grpo", **overrides)
+
+
+def test_other_bad_input():
+    with pytest.raises(ValueError, match="arm='grpo' must be one of"):
         arm_config("grpo")
+    with pytest.raises(ValueError, match="task dict lacks"):
+        train(arm_config("flow_grpo", **TINY), {})
+    with pytest.raises(ValueError, match="reward 'pickscore' is unknown"):
+        DigitsTask(reward_name="pickscore")
+    with pytest.raises(ValueError, match="eval_group=1 must be an integer >= 2"):
+        DigitsTask(eval_group=1)
+    with pytest.raises(ValueError, match="resume=True needs config.checkpoint_path"):
+        train(arm_config("flow_grpo", **TINY), TASK, resume=True)
 
 
 def test_trained_steps_follow_flow_grpo_counting():
     assert arm_config("flow_grpo").trained_steps == 10
     assert arm_config("flow_grpo", train_steps_fraction=0.99).trained_steps == 9  # skips the last, nearly clean step
     assert arm_config("flow_grpo", train_steps_fraction=0.01).trained_steps == 1
+
+
+def test_config_round_trips_through_json():
+    c = arm_config("standard", beta=0.01)
+    d = json.loads(json.dumps(c.to_dict()))
+    assert d["schedule"] == {"group_sizes": [48, 24, 12], "prune_steps": [5, 7], "num_steps": 10}
+    assert d["sampler"] == {"family": "FlowSDE", "num_steps": 10, "noise_level": 0.7, "shift": 1.0}
+    assert TrainConfig(**{k: v for k, v in d.items() if k != "sampler"}).schedule == c.schedule

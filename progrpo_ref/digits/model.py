@@ -6,8 +6,8 @@ a small learned prompt encoder turns it into the transformer's ``encoder_hidden_
 ``[B, L, joint_dim]`` and ``pooled_projections`` ``[B, pooled_dim]``, the way SD3's text encoders
 do, and the timestep fed to the transformer is ``sigma * 1000``, as in ``StableDiffusion3Pipeline``.
 
-``FlowModel.forward(x, sigma, prompts) -> v`` is the only interface the GRPO core uses, so a real
-SD3 transformer plus text embeddings can stand in for it unchanged.
+``FlowModel.forward(x, sigma, prompts) -> v`` is the only interface the method uses (the sampler
+hands it sigma); ``progrpo_ref.adapters.sd3.SD3Adapter`` gives a real SD3 transformer the same one.
 """
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from .data import IMAGE_SHAPE, NUM_CLASSES
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 FLOW_CHECKPOINT = CHECKPOINT_DIR / "flow_model.safetensors"
-
 
 
 @dataclass
@@ -117,23 +116,6 @@ def check_prompts(prompts: torch.Tensor) -> None:
     bad = prompts[(prompts < 0) | (prompts >= NUM_CLASSES)]
     if bad.numel():
         raise ValueError(f"prompt {int(bad[0])} is outside the digit classes 0-{NUM_CLASSES - 1}")
-
-
-def sigma_schedule(num_steps: int = 10, shift: float = 1.0) -> torch.Tensor:
-    """Sampling sigmas ``[T + 1]`` from ``FlowMatchEulerDiscreteScheduler``, 1 -> 0.
-
-    We hand the scheduler the uniform grid 1, (T-1)/T, ..., 1/T (it applies ``shift`` and appends
-    the final 0). Its default ``set_timesteps(T)`` grid ends in a near-deterministic 0.001 -> 0 step
-    whose SDE log-probs are extreme, which is why we pass the grid explicitly.
-    """
-    import numpy as np
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    if num_steps < 1:
-        raise ValueError(f"num_steps={num_steps} must be >= 1")
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
-    scheduler.set_timesteps(sigmas=list(np.linspace(1.0, 1.0 / num_steps, num_steps)))
-    return scheduler.sigmas.to(torch.float32).clone()
 
 
 def load_flow_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> FlowModel:

@@ -9,16 +9,16 @@ import math
 
 import torch
 
-from .grpo import group_advantages
-from .pro_grpo import PruneSchedule, expand_and_prune, record_previews
-from .rollout import rollout
+from ..grpo import group_advantages, step_log_prob
+from ..pro_grpo import PruneSchedule, expand_and_prune, record_previews
+from ..rollout import rollout
 
 
 # ---------------------------------------------------------------- Observation 1: reward clustering
 @torch.no_grad()
-def group_rewards(model, reward_fn, prompts, group_size, sigmas, noise_level=0.7, seed=0) -> torch.Tensor:
-    """Final rewards ``[P, G]`` of one fresh, unselected SDE group per prompt ``[P]``."""
-    ro = rollout(model, prompts, group_size, sigmas, noise_level, torch.Generator().manual_seed(seed))
+def group_rewards(model, sampler, reward_fn, prompts, group_size, seed=0) -> torch.Tensor:
+    """Final rewards ``[P, G]`` of one fresh, unselected group per prompt ``[P]``."""
+    ro = rollout(model, sampler, prompts, group_size, torch.Generator().manual_seed(seed))
     return ro.final_rewards(reward_fn)
 
 
@@ -55,10 +55,10 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def proxy_fidelity(model, reward_fn, prompts, group_size, sigmas, steps, noise_level=0.7, seed=0) -> dict:
+def proxy_fidelity(model, sampler, reward_fn, prompts, group_size, steps, seed=0) -> dict:
     """Mean and std over prompts of the within-group rank correlation between the preview reward at
     each step and the final reward: ``{step: (mean, std)}``. One unpruned rollout."""
-    ro, proxies = record_previews(model, prompts, group_size, reward_fn, sigmas, steps, noise_level, torch.Generator().manual_seed(seed))
+    ro, proxies = record_previews(model, sampler, prompts, group_size, reward_fn, steps, torch.Generator().manual_seed(seed))
     final = ro.final_rewards(reward_fn)
     out = {}
     for c, proxy in sorted(proxies.items()):
@@ -68,14 +68,14 @@ def proxy_fidelity(model, reward_fn, prompts, group_size, sigmas, steps, noise_l
 
 
 @torch.no_grad()
-def selection_bias(model, reward_fn, prompts, schedule: PruneSchedule, sigmas, noise_level=0.7, seed=0) -> dict:
+def selection_bias(model, sampler, reward_fn, prompts, schedule: PruneSchedule, seed=0) -> dict:
     """Final rewards ``[P, K]`` of Expand-and-Prune survivors against an unselected group of the same
     final size K from the same policy (different noise), to see what the selection does to the
     distribution GRPO trains on."""
     g = torch.Generator().manual_seed(seed)
-    ro = expand_and_prune(model, prompts, schedule, reward_fn, sigmas, noise_level, g)
+    ro = expand_and_prune(model, sampler, prompts, schedule, reward_fn, g)
     survivors = ro.final_rewards(reward_fn)
-    plain = group_rewards(model, reward_fn, prompts, schedule.final_size, sigmas, noise_level, seed + 10_000)
+    plain = group_rewards(model, sampler, reward_fn, prompts, schedule.final_size, seed + 10_000)
     return {"survivors": survivors, "unselected": plain}
 
 
@@ -119,8 +119,8 @@ def mean_cost(histories: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- sanity checks readers should know
 @torch.no_grad()
-def preview_images(model, prompts, sigmas, steps, noise_level=0.7, seed=0) -> dict:
-    """One SDE trajectory per prompt ``[P]``: its preview x0_hat ``[P, 1, 8, 8]`` after each network
+def preview_images(model, sampler, prompts, steps, seed=0) -> dict:
+    """One trajectory per prompt ``[P]``: its preview x0_hat ``[P, 1, 8, 8]`` after each network
     call in ``steps``, and (key ``"final"``) the finished sample."""
     previews = {}
 
@@ -128,38 +128,36 @@ def preview_images(model, prompts, sigmas, steps, noise_level=0.7, seed=0) -> di
         previews[c] = x0_hat[:, 0].clone()
         return None
 
-    ro = rollout(model, prompts, 1, sigmas, noise_level, torch.Generator().manual_seed(seed),
+    ro = rollout(model, sampler, prompts, 1, torch.Generator().manual_seed(seed),
                  preview_steps=tuple(steps), on_preview=keep_preview)
     previews["final"] = ro.images[:, 0]
     return previews
 
 
 @torch.no_grad()
-def on_policy_log_ratio(model, prompts, group_size, sigmas, noise_level=0.7, seed=0, splits=3) -> dict:
+def on_policy_log_ratio(model, sampler, prompts, group_size, seed=0, splits=3, latent_shape=(1, 8, 8)) -> dict:
     """Flow-GRPO's debugging check: re-score a rollout's steps with unchanged parameters.
     Returns the largest |log r| with the rollout's batch composition and with ``splits`` mini-batches."""
-    from .grpo import step_log_prob
-
     g = torch.Generator().manual_seed(seed)
-    ro = rollout(model, prompts, group_size, sigmas, noise_level, g)
+    ro = rollout(model, sampler, prompts, group_size, g, latent_shape=latent_shape)
     lat, c, old = ro.latents.flatten(0, 1), ro.prompts.flatten(), ro.log_probs.flatten(0, 1)
     same, split = 0.0, 0.0
-    for t in range(len(sigmas) - 1):
-        same = max(same, (step_log_prob(model, lat, c, sigmas, t, noise_level)[0] - old[:, t]).abs().max().item())
+    for t in range(sampler.num_steps):
+        same = max(same, (step_log_prob(model, sampler, lat, c, t).log_prob - old[:, t]).abs().max().item())
         for mb in torch.randperm(len(c), generator=g).chunk(splits):
-            split = max(split, (step_log_prob(model, lat[mb], c[mb], sigmas, t, noise_level)[0] - old[mb, t]).abs().max().item())
+            split = max(split, (step_log_prob(model, sampler, lat[mb], c[mb], t).log_prob - old[mb, t]).abs().max().item())
     return {"same_batch": same, "other_splits": split}
 
 
 @torch.no_grad()
-def reward_report(model, names, prompts, group_size, sigmas, noise_level=0.7, seed=0) -> list[dict]:
+def reward_report(model, sampler, names, prompts, group_size, seed=0) -> list[dict]:
     """For each reward: its mean and mean within-group std over one fresh group per prompt, the
     clustering fractions at delta 0.25 / 0.5, and its value on held-out real digits, a blank image
     (all -1) and Gaussian noise. Also returns the pooled rewards (key ``"rewards"``, ``[P, G]``)."""
-    from .data import load_split
-    from .rewards import get_reward
+    from ..digits.data import load_split
+    from ..digits.rewards import get_reward
 
-    ro = rollout(model, prompts, group_size, sigmas, noise_level, torch.Generator().manual_seed(seed))
+    ro = rollout(model, sampler, prompts, group_size, torch.Generator().manual_seed(seed))
     x, y = load_split("heldout")
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     rows = []

@@ -14,7 +14,7 @@ import torch
 
 from .analysis import curve
 
-REPO_FIGURES = Path(__file__).resolve().parent.parent / "figures"
+REPO_FIGURES = Path(__file__).resolve().parents[2] / "figures"
 PROFILE_ENV = "PROGRPO_PROFILE"
 COLORS = {"flow_grpo": "C0", "g12": "C7", "ovf": "C3", "random": "C2", "standard": "C1", "flash": "C4",
           "top": "C5", "split": "C6", "bottom": "C8"}

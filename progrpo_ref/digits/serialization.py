@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-REGENERATE_CMD = "python -m progrpo_ref.pretrain"
+REGENERATE_CMD = "python -m progrpo_ref.digits.pretrain"
 
 
 def save_module(module: torch.nn.Module, path: str | Path, extra: dict | None = None) -> None:

@@ -1,9 +1,9 @@
 """Benchmark: what one update of each arm costs, measured, next to what a cost model predicts.
 
-    python -m progrpo_ref.bench                 # default: 30 interleaved rounds, medians (about 3 minutes)
-    python -m progrpo_ref.bench --quick         # under a minute on 2 CPU cores
-    python -m progrpo_ref.bench --json out.json --markdown out.md
-    python -m progrpo_ref.bench --device cuda --bf16 [--sd35]    # on a GPU; --sd35: SD3.5-Medium size, 512 px
+    python -m progrpo_ref.study.bench                 # default: 30 interleaved rounds, medians (about 3 minutes)
+    python -m progrpo_ref.study.bench --quick         # under a minute on 2 CPU cores
+    python -m progrpo_ref.study.bench --json out.json --markdown out.md
+    python -m progrpo_ref.study.bench --device cuda --bf16 [--sd35]    # on a GPU; --sd35: SD3.5-Medium size, 512 px
 
 Arms (same prompts and seeds): Flow-GRPO G = 24, static OVF 24 -> 12, Pro-GRPO Standard 48 -> 24 -> 12,
 Pro-GRPO Flash 24 -> 16 -> 12. Timing: all arms in one process, each with its own model copy,
@@ -35,28 +35,25 @@ from pathlib import Path
 import torch
 
 ARMS = ["flow_grpo", "ovf", "standard", "flash"]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- building the pieces for a device
 def build(device: str, bf16: bool, sd35: bool, sd35_layers: int | None = None):
-    """(model, reward_fn, latent_shape) for the tiny model or an SD3.5-Medium-size random model."""
-    dtype = torch.bfloat16 if bf16 else None
+    """(task, policy) for the digits task or an SD3.5-Medium-size random model (``SD3Task``)."""
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if sd35:
-        from .sd3_adapter import DecodeAndScore, random_sd35_medium
+        from ..adapters.sd3 import SD3Task
 
-        over = {} if sd35_layers is None else dict(num_layers=sd35_layers, dual_attention_layers=tuple(range(min(sd35_layers, 13))))
-        return random_sd35_medium(device, autocast_dtype=dtype, **over), DecodeAndScore(device, dtype), (16, 64, 64)
-    from .model import load_flow_model
-    from .rewards import get_reward
+        task = SD3Task.sd35_medium(sd35_layers, bf16=bf16)
+        return task, task.policy(device)
+    from ..digits import DigitsTask
 
-    model = load_flow_model(device=device)
-    if dtype is not None:
-        model = _Autocast(model, dtype)
-    return model, get_reward("margin", device), (1, 8, 8)
+    task = DigitsTask()
+    model = task.policy(device)
+    return task, (_Autocast(model, torch.bfloat16) if bf16 else model)
 
 
 class _Autocast(torch.nn.Module):
@@ -84,26 +81,29 @@ def _peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-class _CountingReward:
-    def __init__(self, fn):
-        self.fn, self.samples = fn, 0
+class _CountingTask:
+    """The task, with its reward calls counted (previews + final samples)."""
 
-    def __call__(self, images, prompts):
+    def __init__(self, task):
+        self.task, self.samples = task, 0
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def reward(self, images, prompts):
         self.samples += len(images)
-        return self.fn(images, prompts)
+        return self.task.reward(images, prompts)
 
 
 # ---------------------------------------------------------------- one epoch of one arm (subprocess)
 def run_epoch(arm, device, bf16, sd35, sd35_layers, prompts, updates, warmup, seed) -> dict:
-    from .grpo import group_advantages
-    from .model import sigma_schedule
-    from .rollout import NFECounter
-    from .trainer import arm_config, optimise, sample_group
+    from ..grpo import group_advantages
+    from ..rollout import NFECounter
+    from ..trainer import arm_config, collect, optimise
 
-    model, reward_fn, shape = build(device, bf16, sd35, sd35_layers)
-    cfg = arm_config(arm, prompts_per_update=prompts, device=device, seed=seed, latent_shape=shape, progress=False)
-    sigmas = sigma_schedule(cfg.schedule.num_steps)
-    counter, reward = NFECounter(model), _CountingReward(reward_fn)
+    task, model = build(device, bf16, sd35, sd35_layers)
+    cfg = arm_config(arm, prompts_per_update=prompts, device=device, seed=seed, progress=False)
+    counter, reward = NFECounter(model), _CountingTask(task)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(seed)
     times = {"sampling_s": [], "optimisation_s": []}
@@ -114,7 +114,7 @@ def run_epoch(arm, device, bf16, sd35, sd35_layers, prompts, updates, warmup, se
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
         _sync(device); t0 = time.perf_counter()
-        ro, R = sample_group(counter, cfg, reward, sigmas, gen)
+        ro, R = collect(counter, reward, cfg, gen)
         _sync(device); t1 = time.perf_counter()
         optimise(model, None, optimizer, ro, group_advantages(R, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
         _sync(device); t2 = time.perf_counter()
@@ -136,22 +136,20 @@ def run_interleaved(arms, device, bf16, sd35, sd35_layers, prompts, rounds, seed
     """Time every arm in one process, one update per arm per round, the order rotating each round, so
     a slow spell of the shared machine hits all arms alike. Each arm trains its own copy of the model.
     Returns ``{arm: {"sampling_s": [per round], "optimisation_s": [per round]}}`` (after one warm-up round)."""
-    from .grpo import group_advantages
-    from .model import sigma_schedule
-    from .trainer import arm_config, optimise, sample_group
+    from ..grpo import group_advantages
+    from ..trainer import arm_config, collect, optimise
 
     state = {}
     for arm in arms:
-        model, reward_fn, shape = build(device, bf16, sd35, sd35_layers)
-        cfg = arm_config(arm, prompts_per_update=prompts, device=device, seed=seed, latent_shape=shape, progress=False)
-        state[arm] = (model, reward_fn, cfg, sigma_schedule(cfg.schedule.num_steps),
-                      torch.optim.Adam(model.parameters(), lr=cfg.lr), torch.Generator().manual_seed(seed))
+        task, model = build(device, bf16, sd35, sd35_layers)
+        cfg = arm_config(arm, prompts_per_update=prompts, device=device, seed=seed, progress=False)
+        state[arm] = (model, task, cfg, torch.optim.Adam(model.parameters(), lr=cfg.lr), torch.Generator().manual_seed(seed))
     times = {arm: {"sampling_s": [], "optimisation_s": []} for arm in arms}
     for r in range(rounds + 1):
         for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
-            model, reward_fn, cfg, sigmas, optimizer, gen = state[arm]
+            model, task, cfg, optimizer, gen = state[arm]
             _sync(device); t0 = time.perf_counter()
-            ro, R = sample_group(model, cfg, reward_fn, sigmas, gen)
+            ro, R = collect(model, task, cfg, gen)
             _sync(device); t1 = time.perf_counter()
             optimise(model, None, optimizer, ro, group_advantages(R, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
             _sync(device); t2 = time.perf_counter()
@@ -178,13 +176,12 @@ def calibrate(device, bf16, sd35, sd35_layers, prompts, reps) -> dict:
     r(B) one reward call, g(B) one trained step (re-scored log-prob, clipped loss, backward); and o,
     one optimizer step (gradient clip + Adam step + zero_grad), which does not depend on B.
     All items are timed round-robin, ``reps`` rounds, medians: like the arms, they share slow spells."""
-    from .grpo import clipped_policy_loss, step_log_prob
-    from .model import sigma_schedule
-    from .sde import sde_step_with_logprob
-    from .trainer import arm_config
+    from ..grpo import clipped_policy_loss, step_log_prob
+    from ..samplers import FlowSDE
+    from ..trainer import arm_config
 
-    model, reward_fn, shape = build(device, bf16, sd35, sd35_layers)
-    sigmas = sigma_schedule(10)
+    task, model = build(device, bf16, sd35, sd35_layers)
+    reward_fn, shape, sampler = task.reward, task.latent_shape, FlowSDE(10, 0.7)
     plans = {arm: arm_config(arm, prompts_per_update=prompts) for arm in ARMS}
     fwd_sizes = sorted({prompts * g for c in plans.values() for g in c.schedule.group_sizes})
     opt_sizes = sorted({prompts * c.trained_group_size // c.num_minibatches for c in plans.values()})
@@ -192,11 +189,11 @@ def calibrate(device, bf16, sd35, sd35_layers, prompts, reps) -> dict:
 
     def sampling_step(x, c):
         with torch.no_grad():
-            v = model(x, sigmas[3].to(device).expand(len(x)), c)
-            sde_step_with_logprob(v, x, sigmas[3], sigmas[4], 0.7)
+            v = model(x, sampler.model_time(3).to(device).expand(len(x)), c)
+            sampler.step(v, x, 3)
 
     def trained_step(lat, c, old, adv):
-        lp, _, _ = step_log_prob(model, lat, c, sigmas, 3, 0.7)
+        lp = step_log_prob(model, sampler, lat, c, 3).log_prob
         clipped_policy_loss(lp, old, adv, 1e-3)[0].mean().backward()
 
     for B in fwd_sizes:
@@ -230,7 +227,7 @@ def calibrate(device, bf16, sd35, sd35_layers, prompts, reps) -> dict:
 
 
 def predict(arm: str, cal: dict, prompts: int, updates: int) -> dict:
-    from .trainer import arm_config
+    from ..trainer import arm_config
 
     cfg = arm_config(arm, prompts_per_update=prompts)
     s = cfg.schedule
@@ -248,16 +245,16 @@ def predict(arm: str, cal: dict, prompts: int, updates: int) -> dict:
 # ---------------------------------------------------------------- scaling of sampling cost
 def scaling(device, bf16, prompts=4, reps=5) -> dict:
     """Median seconds of one rollout (sampling only) for G in (24, 48, 96) at T = 10 and T in (10, 20, 40) at G = 24."""
-    from .model import sigma_schedule
-    from .rollout import rollout
+    from ..rollout import rollout
+    from ..samplers import FlowSDE
 
-    model, _, shape = build(device, bf16, False)
+    task, model = build(device, bf16, False)
     p = torch.arange(prompts, device=device) % 10
     res = {"group": {}, "steps": {}}
     for G in (24, 48, 96):
-        res["group"][G] = _median_time(lambda: rollout(model, p, G, sigma_schedule(10), 0.7, latent_shape=shape), device, reps)
+        res["group"][G] = _median_time(lambda: rollout(model, FlowSDE(10), p, G, latent_shape=task.latent_shape), device, reps)
     for T in (10, 20, 40):
-        res["steps"][T] = _median_time(lambda: rollout(model, p, 24, sigma_schedule(T), 0.7, latent_shape=shape), device, reps)
+        res["steps"][T] = _median_time(lambda: rollout(model, FlowSDE(T), p, 24, latent_shape=task.latent_shape), device, reps)
     return res
 
 
@@ -283,7 +280,7 @@ def plot_scaling(res: dict, path: Path, device_name: str):
 
 # ---------------------------------------------------------------- driver
 def _subprocess(task: dict, threads: int) -> dict:
-    code = f"import json, torch; torch.set_num_threads({threads}); from progrpo_ref import bench; print('RESULT' + json.dumps(bench._task({task!r})))"
+    code = f"import json, torch; torch.set_num_threads({threads}); from progrpo_ref.study import bench; print('RESULT' + json.dumps(bench._task({task!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     if out.returncode:
         raise RuntimeError(f"benchmark subprocess failed:\n{out.stderr[-3000:]}")

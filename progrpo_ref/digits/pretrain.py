@@ -1,7 +1,7 @@
 """Pretraining: the reward classifiers, then the flow model by flow matching (with an EMA).
 
-    python -m progrpo_ref.pretrain            # regenerates every committed checkpoint (< 5 min, 2 cores)
-    python -m progrpo_ref.pretrain --only flow
+    python -m progrpo_ref.digits.pretrain            # regenerates every committed checkpoint (< 5 min, 2 cores)
+    python -m progrpo_ref.digits.pretrain --only flow
 
 Flow matching (rectified flow): x0 ~ data, eps ~ N(0, I), sigma ~ U(0, 1),
 x_sigma = (1 - sigma) x0 + sigma eps, loss = || v_theta(x_sigma, sigma, c) - (eps - x0) ||^2.
@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from .serialization import save_module
 from .classifier import CLASSIFIER_CHECKPOINTS, ClassifierConfig, heldout_accuracy, train_classifier
 from .data import NUM_CLASSES, load_split
-from .model import FLOW_CHECKPOINT, FlowModel, FlowModelConfig, sigma_schedule
-from .rollout import sample
+from .model import FLOW_CHECKPOINT, FlowModel, FlowModelConfig
+from ..rollout import sample
+from ..samplers import FlowSDE
 
 CLASSIFIERS = {  # name -> (architecture, seed): two independent models
     "reward": (ClassifierConfig("cnn", 32), 0),
@@ -84,7 +85,7 @@ def sample_accuracy(model, classifier, per_class: int = 100, num_steps: int = 10
     """Fraction of ``per_class`` x 10 ODE samples (Euler, ``num_steps``) classified as their prompt."""
     device = next(model.parameters()).device
     prompts = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_class)
-    images = sample(model, prompts, sigma_schedule(num_steps), generator=torch.Generator().manual_seed(seed))
+    images = sample(model, FlowSDE(num_steps, noise_level=0.0), prompts, generator=torch.Generator().manual_seed(seed))
     return (classifier(images.clamp(-1, 1)).argmax(-1) == prompts).float().mean().item()
 
 

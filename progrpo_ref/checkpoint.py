@@ -1,0 +1,78 @@
+"""Training checkpoints: tensors in safetensors, everything else as JSON in its metadata, written atomically.
+
+One file holds the policy's weights (``model/<name>``), the optimizer's tensors
+(``optimizer/<param index>/<name>``, e.g. Adam's moments), and, as JSON strings in the safetensors
+header, the optimizer's hyperparameters and the trainer's state (config, task, history, RNG state).
+The file is written to a temporary name in the same folder and renamed over the target, so an
+interrupted write leaves the previous checkpoint intact, never a half-written one. No pickles.
+
+Read a checkpoint's history without torch: the JSON is in the safetensors header (the first
+8 bytes give its length), e.g. ``safe_open(path, "pt").metadata()["state"]``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+FORMAT = "progrpo-ref/train-checkpoint/1"
+
+
+def save_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict, extra_tensors: dict | None = None) -> None:
+    """Write ``path`` atomically; ``state`` must be JSON-able."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    opt_json = {"param_groups": opt["param_groups"], "scalars": {}}
+    for idx, values in opt["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{idx}/{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                opt_json["scalars"].setdefault(str(idx), {})[name] = value
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra/{k}"] = v.detach().to("cpu").contiguous()
+    meta = {"format": FORMAT, "state": json.dumps(state), "optimizer": json.dumps(opt_json)}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_training_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """``{"model": state_dict, "optimizer": state_dict, "state": dict, "extra": {name: tensor}}``.
+
+    A missing file raises ``FileNotFoundError`` naming it; an unreadable one ``ValueError`` naming it.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training checkpoint {path} does not exist (train with checkpoint_path set first)")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state, opt_json = json.loads(meta["state"]), json.loads(meta["optimizer"])
+    except Exception as e:  # truncated, corrupted, or another kind of file
+        raise ValueError(f"training checkpoint {path} is unreadable ({type(e).__name__}: {e})") from e
+    model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    opt_state: dict = {int(i): dict(v) for i, v in opt_json["scalars"].items()}
+    for k, v in tensors.items():
+        if k.startswith("optimizer/"):
+            _, idx, name = k.split("/", 2)
+            opt_state.setdefault(int(idx), {})[name] = v
+    extra = {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
+    return {"model": model, "optimizer": {"state": opt_state, "param_groups": opt_json["param_groups"]},
+            "state": state, "extra": extra}

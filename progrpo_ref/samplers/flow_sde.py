@@ -1,0 +1,149 @@
+r"""Flow-GRPO's SDE sampler for rectified flows: one stochastic step with its exact Gaussian log-prob.
+
+Flow-GRPO turns the probability-flow ODE ``dx = v dsigma`` into an SDE with the same marginals, so
+that every denoising step is a Gaussian policy ``pi_theta(x_{t+1} | x_t, c)``. With the diffusers
+convention ``x_sigma = (1 - sigma) x0 + sigma eps``, velocity ``v = v_theta(x, sigma, c) ~ eps - x0``,
+step ``dt = sigma' - sigma < 0`` (sigma' = next sigma) and noise level ``a``:
+
+    g       = a * sqrt(sigma / (1 - s))             s = sigma, or sigma' when sigma = 1 (no 1/0)
+    mu      = x + dt * ( v + g^2 / (2 sigma) * (x + (1 - sigma) v) )
+              (ODE drift plus a score correction: x + (1 - sigma) v = eps_hat, score = -eps_hat / sigma)
+    std     = g * sqrt(-dt)
+    x'      = mu + std * z,  z ~ N(0, I)
+    log pi  = mean over C, H, W of  -(x' - mu)^2 / (2 std^2) - log std - log sqrt(2 pi)
+
+The log-prob is *averaged*, not summed, over the latent's elements (64 here, 65,536 for SD3.5 at
+512 px), which is why PPO clip ranges for it are tiny. ``a = 0`` is the plain Euler ODE step
+``x' = x + dt * v`` (its log-prob is undefined and returned as ``None``). All the math runs in fp32.
+The preview (one-step clean estimate) is ``x0_hat = x - sigma v``. Derivation and the guard's effect
+on the first step: ``docs/derivations.md``.
+
+The schedule: sigma_i = shift u_i / (1 + (shift - 1) u_i) on the uniform grid u = 1, (T-1)/T, ..., 1/T,
+then 0 (what diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=u)`` gives; tested
+against it). diffusers' own ``set_timesteps(T)`` grid ends in a near-deterministic 0.001 -> 0 step
+whose SDE log-probs are extreme, which is why the grid is explicit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import torch
+
+from .base import Sampler, SamplerStep, check_pair, per_sample
+
+SDEStep = SamplerStep  # the name this step's result had before samplers shared one type
+MAX_NOISE_LEVEL = math.sqrt(2.0)
+
+
+def flow_sigmas(num_steps: int = 10, shift: float = 1.0) -> torch.Tensor:
+    """Sampling sigmas ``[T + 1]`` from 1 to 0 (see the module docstring), fp32."""
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1")
+    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift={shift!r} must be a finite number > 0")
+    u = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64).float()
+    shifted = shift * u / (1 + (shift - 1) * u)
+    return torch.cat([shifted, torch.zeros(1)])
+
+
+def sde_step_with_logprob(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    noise_level: float = 0.7,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> SamplerStep:
+    """Take (or, when ``prev_sample`` is given, score) one Flow-GRPO SDE step from x at sigma.
+
+    velocity, sample: ``[B, C, H, W]``; sigma in (0, 1], sigma_next in [0, sigma): floats or ``[B]``.
+    The step's noise z is ``noise`` if given, else drawn from ``generator``.
+    """
+    if not (isinstance(noise_level, (int, float)) and 0 <= noise_level < MAX_NOISE_LEVEL):
+        raise ValueError(f"noise_level={noise_level!r} must be in [0, sqrt(2)): at a >= sqrt(2) the first step's "
+                         f"mean coefficient 1 - a^2 / 2 is not positive")
+    check_pair(velocity, sample, "velocity")
+    v, x = velocity.float(), sample.float()
+    sigma, sigma_next = per_sample(sigma, x, "sigma"), per_sample(sigma_next, x, "sigma_next")
+    bad = ~((sigma > 0) & (sigma <= 1))
+    if bad.any():
+        raise ValueError(f"sigma={_first(sigma, bad)} must lie in (0, 1]")
+    bad = ~((sigma_next >= 0) & (sigma_next < sigma))
+    if bad.any():
+        raise ValueError(f"sigma_next={_first(sigma_next, bad)} must lie in [0, sigma) with sigma={_first(sigma, bad)}")
+    for name, t in (("prev_sample", prev_sample), ("noise", noise)):
+        if t is not None:
+            check_pair(t, x, name)
+    dt = sigma_next - sigma
+
+    if noise_level == 0:  # Euler step of the probability-flow ODE
+        mean = x + dt * v
+        return SamplerStep(mean if prev_sample is None else prev_sample.float(), None, mean, torch.zeros_like(sigma))
+
+    s = torch.where(sigma >= 1.0, sigma_next, sigma)  # Flow-GRPO: avoid 1 / (1 - 1) at pure noise
+    g = noise_level * torch.sqrt(sigma / (1.0 - s))
+    mean = x + dt * (v + g**2 / (2.0 * sigma) * (x + (1.0 - sigma) * v))
+    std = g * torch.sqrt(-dt)
+
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                                device=generator.device if generator is not None else x.device)
+        prev_sample = mean + std * noise.to(device=x.device, dtype=torch.float32)
+    prev_sample = prev_sample.float()
+    log_prob = -((prev_sample.detach() - mean) ** 2) / (2.0 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    return SamplerStep(prev_sample, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, std)
+
+
+def _first(t: torch.Tensor, bad: torch.Tensor) -> str:
+    """The first offending entry, for an error message."""
+    return f"{t[bad].flatten()[0].item():.6g}"
+
+
+@dataclass(frozen=True)
+class FlowSDE(Sampler):
+    """Flow-GRPO's SDE sampler on a ``num_steps`` schedule; ``noise_level = 0`` is the Euler ODE."""
+
+    num_steps: int = 10
+    """T: sampling steps"""
+    noise_level: float = 0.7
+    """a: Flow-GRPO's noise level (its default 0.7); 0 gives the deterministic ODE sampler"""
+    shift: float = 1.0
+    """time shift of the schedule (SD3 uses 3.0); 1 is the uniform grid"""
+
+    def __post_init__(self):
+        flow_sigmas(self.num_steps, self.shift)  # validates both
+        if not (isinstance(self.noise_level, (int, float)) and 0 <= self.noise_level < MAX_NOISE_LEVEL):
+            raise ValueError(f"noise_level={self.noise_level!r} must be in [0, sqrt(2)) (Flow-GRPO uses 0.7)")
+
+    @cached_property
+    def sigmas(self) -> torch.Tensor:
+        """sigma_0 = 1 > sigma_1 > ... > sigma_T = 0, ``[T + 1]`` fp32."""
+        return flow_sigmas(self.num_steps, self.shift)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.noise_level > 0
+
+    def model_time(self, i: int) -> torch.Tensor:
+        """sigma_i: the model maps it to its network's timestep (sigma x 1000 for SD3)."""
+        self.check_step(i)
+        return self.sigmas[i]
+
+    def step(self, out, x, i, noise=None, prev_sample=None, generator=None) -> SamplerStep:
+        self.check_step(i)
+        return sde_step_with_logprob(out, x, self.sigmas[i], self.sigmas[i + 1], self.noise_level,
+                                     prev_sample=prev_sample, generator=generator, noise=noise)
+
+    def preview(self, out, x, i) -> torch.Tensor:
+        """x0_hat = x - sigma_i v: where the ODE lands from here in one step (fp32)."""
+        self.check_step(i)
+        check_pair(out, x, "velocity")
+        return x.float() - self.sigmas[i] * out.float()
+
+    def deterministic(self) -> "FlowSDE":
+        return replace(self, noise_level=0.0)
