@@ -20,8 +20,7 @@ import torch
 FORMAT = "progrpo-ref/train-checkpoint/1"
 
 
-def save_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                             state: dict, extra_tensors: dict | None = None) -> None:
+def save_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Write ``path`` atomically; ``state`` must be JSON-able."""
     from safetensors.torch import save_file
 
@@ -36,8 +35,6 @@ def save_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer
                 tensors[f"optimizer/{idx}/{name}"] = value.detach().to("cpu").contiguous()
             else:
                 opt_json["scalars"].setdefault(str(idx), {})[name] = value
-    for k, v in (extra_tensors or {}).items():
-        tensors[f"extra/{k}"] = v.detach().to("cpu").contiguous()
     meta = {"format": FORMAT, "state": json.dumps(state), "optimizer": json.dumps(opt_json)}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -49,7 +46,7 @@ def save_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer
 
 
 def load_training_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    """``{"model": state_dict, "optimizer": state_dict, "state": dict, "extra": {name: tensor}}``.
+    """``{"model": state_dict, "optimizer": state_dict, "state": dict}``.
 
     A missing file raises ``FileNotFoundError`` naming it; an unreadable one ``ValueError`` naming it.
     """
@@ -73,6 +70,4 @@ def load_training_checkpoint(path: str | Path, device: str | torch.device = "cpu
         if k.startswith("optimizer/"):
             _, idx, name = k.split("/", 2)
             opt_state.setdefault(int(idx), {})[name] = v
-    extra = {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
-    return {"model": model, "optimizer": {"state": opt_state, "param_groups": opt_json["param_groups"]},
-            "state": state, "extra": extra}
+    return {"model": model, "optimizer": {"state": opt_state, "param_groups": opt_json["param_groups"]}, "state": state}

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .noise import TrajectoryNoise
 from .ovf import STRATEGIES, select_subset
 from .rollout import Rollout, rollout
 from .samplers import Sampler
@@ -78,13 +79,15 @@ def expand_and_prune(
     prompts: torch.Tensor,
     schedule: PruneSchedule,
     reward_fn: Callable,
-    generator: torch.Generator | None = None,
+    noise: TrajectoryNoise | int | None = None,
     strategy: str = "ovf",
     latent_shape: tuple[int, ...] = (1, 8, 8),
+    generator: torch.Generator | None = None,
 ) -> Rollout:
     """Roll out ``schedule.group_sizes[0]`` trajectories per prompt ``[P]`` and prune them by OVF on
     preview rewards at each prune step. Returns the survivors (K = final size) with ``previews``:
     per prune step, the proxy rewards ``[P, G_i]`` of all live trajectories and the kept indices.
+    ``noise`` as in ``rollout``; ``generator`` draws the subsets of ``strategy="random"``.
     """
     if sampler.num_steps != schedule.num_steps:
         raise ValueError(f"the sampler has {sampler.num_steps} steps but the prune schedule {schedule.num_steps}")
@@ -100,13 +103,13 @@ def expand_and_prune(
         records.append({"step": c, "rewards": proxy, "keep": keep})
         return keep
 
-    out = rollout(model, sampler, prompts, schedule.group_sizes[0], generator,
+    out = rollout(model, sampler, prompts, schedule.group_sizes[0], noise,
                   preview_steps=schedule.prune_steps, on_preview=prune, latent_shape=latent_shape)
     out.previews = records
     return out
 
 
-def record_previews(model, sampler: Sampler, prompts, group_size, reward_fn, steps, generator=None, latent_shape=(1, 8, 8)):
+def record_previews(model, sampler: Sampler, prompts, group_size, reward_fn, steps, noise=None, latent_shape=(1, 8, 8)):
     """An unpruned rollout that scores the preview x0_hat of every trajectory at each of ``steps``.
 
     For measuring proxy fidelity: returns (rollout, {step: preview rewards [P, G]}). Nothing is pruned.
@@ -117,6 +120,6 @@ def record_previews(model, sampler: Sampler, prompts, group_size, reward_fn, ste
         proxies[c] = reward_fn(x0_hat.flatten(0, 1), group_prompts.flatten()).view(group_prompts.shape)
         return None
 
-    out = rollout(model, sampler, prompts, group_size, generator, preview_steps=tuple(steps), on_preview=score,
+    out = rollout(model, sampler, prompts, group_size, noise, preview_steps=tuple(steps), on_preview=score,
                   latent_shape=latent_shape)
     return out, proxies

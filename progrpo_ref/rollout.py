@@ -1,7 +1,9 @@
 r"""Rollout: sample P prompts x G trajectories with a stochastic sampler, keeping what GRPO trains on.
 
 For each prompt c, G trajectories start from x_0 ~ N(0, I) and take the sampler's T steps
-(``sampler.step``). All live trajectories share one batched network call per step. The model is any
+(``sampler.step``). All live trajectories share one batched network call per step. Each
+trajectory's x_0 and step noise come from its own stream (``noise.TrajectoryNoise``): a function of
+(seed, update, the prompt's position, the trajectory's index), not of the batch or of pruning. The model is any
 callable ``model(x [B, C, H, W], t [B], prompts [B]) -> out``, where t is the sampler's
 ``model_time(i)`` (sigma for a flow) and ``out`` what the sampler expects (a velocity for a flow);
 ``NFECounter`` wraps it so that the number of network evaluations is measured, not derived.
@@ -20,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .noise import TrajectoryNoise, as_noise
 from .samplers import Sampler
 
 
@@ -88,23 +91,22 @@ def rollout(
     sampler: Sampler,
     prompts: torch.Tensor,
     group_size: int,
-    generator: torch.Generator | None = None,
+    noise: TrajectoryNoise | int | None = None,
     preview_steps: tuple[int, ...] = (),
     on_preview: Callable | None = None,
     latent_shape: tuple[int, ...] = (1, 8, 8),
 ) -> Rollout:
-    """Sample ``group_size`` trajectories for each of the P ``prompts`` ``[P]``; see the module doc."""
+    """Sample ``group_size`` trajectories for each of the P ``prompts`` ``[P]``; see the module doc.
+    ``noise``: the update's ``TrajectoryNoise`` (an int is a seed)."""
     _check(sampler, prompts, group_size, preview_steps)
+    noise = as_noise(noise)
     device = prompts.device
     P, g, T = len(prompts), group_size, sampler.num_steps
     counter = model if isinstance(model, NFECounter) else NFECounter(model)
     nfe_before = counter.nfe
 
-    def draw(n):
-        return torch.randn((n, *latent_shape), generator=generator,
-                           device=generator.device if generator is not None else device).to(device)
-
-    x = draw(P * g)
+    z = noise.draws(P, g, T + 1, latent_shape).flatten(0, 1)  # [P * g, T + 1, C, H, W] on the CPU
+    x = z[:, 0].to(device)
     c = prompts.repeat_interleave(g)  # [P * g], prompt-major
     states, log_probs = [x], []
     for i in range(T):
@@ -113,11 +115,11 @@ def rollout(
             keep = on_preview(i + 1, sampler.preview(out, x, i).view(P, g, *latent_shape), c.view(P, g))
             if keep is not None:  # prune: survivors keep their history and this step's model output
                 flat = (keep + g * torch.arange(P, device=keep.device)[:, None]).flatten().to(device)
-                x, out, c = x[flat], out[flat], c[flat]
+                x, out, c, z = x[flat], out[flat], c[flat], z[flat.cpu()]
                 states = [s[flat] for s in states]
                 log_probs = [lp[flat] for lp in log_probs]
                 g = keep.shape[1]
-        step = sampler.step(out, x, i, noise=draw(len(x)) if sampler.stochastic else None)
+        step = sampler.step(out, x, i, noise=z[:, i + 1].to(device) if sampler.stochastic else None)
         x = step.prev_sample
         states.append(x)
         if step.log_prob is not None:
@@ -131,7 +133,7 @@ def rollout(
     )
 
 
-def sample(model, sampler: Sampler, prompts, generator=None, latent_shape=(1, 8, 8)) -> torch.Tensor:
+def sample(model, sampler: Sampler, prompts, noise=None, latent_shape=(1, 8, 8)) -> torch.Tensor:
     """Final images ``[B, C, H, W]``, one per prompt ``[B]``, with ``sampler`` (its ``deterministic()``
     mode for evaluation)."""
-    return rollout(model, sampler, prompts, 1, generator, latent_shape=latent_shape).images[:, 0]
+    return rollout(model, sampler, prompts, 1, noise, latent_shape=latent_shape).images[:, 0]

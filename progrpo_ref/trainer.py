@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_training_checkpoint, save_training_checkpoint
 from .grpo import group_advantages, grpo_objective
+from .noise import TrajectoryNoise, per_update_generator
 from .ovf import STRATEGIES, select_subset
 from .pro_grpo import PRESETS, PruneSchedule, expand_and_prune
 from .rollout import NFECounter, Rollout, rollout
@@ -86,7 +87,8 @@ class TrainConfig:
     cluster_delta: float = 0.5
     """delta of the clustering region |A| <= delta (logged per update)"""
     seed: int = 0
-    """seed of prompts, noise and mini-batch order (the task's evaluation has its own fixed seed)"""
+    """seed of prompts, noise and mini-batch order: each update's are a function of (seed, update)
+    (see noise.py); the task's evaluation has its own fixed seed"""
     device: str = "cpu"
     """torch device"""
     checkpoint_path: str | None = None
@@ -195,14 +197,18 @@ def arm_config(name: str, **overrides) -> TrainConfig:
 
 
 # ---------------------------------------------------------------- one update: collect, then optimise
-def collect(model: Callable, task, config: TrainConfig, generator: torch.Generator) -> tuple[Rollout, torch.Tensor]:
-    """One update's rollout, final rewards and static selection: (trained rollout, R ``[P, K]``)."""
+def collect(model: Callable, task, config: TrainConfig, update: int, generator: torch.Generator) -> tuple[Rollout, torch.Tensor]:
+    """One update's rollout, final rewards and static selection: (trained rollout, R ``[P, K]``).
+
+    The trajectories' noise is ``TrajectoryNoise(config.seed, update)``; ``generator`` (the update's
+    own, ``per_update_generator``) draws the prompts and any random subset."""
     prompts = task.sample_prompts(config.prompts_per_update, generator).to(config.device)
+    noise = TrajectoryNoise(config.seed, update)
     if len(config.schedule.group_sizes) > 1:
-        ro = expand_and_prune(model, config.sampler, prompts, config.schedule, task.reward, generator,
-                              config.prune_strategy, task.latent_shape)
+        ro = expand_and_prune(model, config.sampler, prompts, config.schedule, task.reward, noise,
+                              config.prune_strategy, task.latent_shape, generator)
     else:
-        ro = rollout(model, config.sampler, prompts, config.schedule.group_sizes[0], generator, latent_shape=task.latent_shape)
+        ro = rollout(model, config.sampler, prompts, config.schedule.group_sizes[0], noise, latent_shape=task.latent_shape)
     R = ro.final_rewards(task.reward)
     if config.selection != "all":
         keep = select_subset(R, config.select_k, config.selection, generator)
@@ -253,7 +259,6 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
     model.requires_grad_(True)
     reference = task.reference(model, dev) if config.beta > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
     counter = NFECounter(model)
     history = {"config": config.to_dict(), "task": task.describe(), "updates": [], "evals": []}
     start = 0
@@ -263,7 +268,6 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
         _check_resumable(ckpt["state"], history, config.checkpoint_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        generator.set_state(ckpt["extra"]["generator"])
         history["updates"], history["evals"] = ckpt["state"]["updates"], ckpt["state"]["evals"]
         start = len(history["updates"])
         if history["evals"] and history["evals"][-1]["update"] % config.eval_every:
@@ -279,7 +283,8 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
     for u in bar:
         t0 = time.perf_counter()
         counter.nfe = 0
-        ro, R = collect(counter, task, config, generator)
+        generator = per_update_generator(config.seed, u + 1)  # prompts, random subsets, mini-batch order
+        ro, R = collect(counter, task, config, u + 1, generator)
         t1 = time.perf_counter()
         A = group_advantages(R, config.adv_eps, config.global_std, config.adv_clip)
         stats = optimise(model, reference, optimizer, ro, A, config, generator)
@@ -301,8 +306,9 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
             run_eval(u + 1)
         bar.set_postfix(reward=f"{history['updates'][-1]['reward_mean']:.2f}")
         if config.checkpoint_path and ((config.checkpoint_every and (u + 1) % config.checkpoint_every == 0) or u + 1 == config.num_updates):
-            save_training_checkpoint(config.checkpoint_path, model, optimizer, history,
-                                     {"generator": generator.get_state()})
+            # the RNG state: every update's randomness is a function of (seed, update), see noise.py
+            rng = {"seed": config.seed, "next_update": u + 2, "scheme": "noise.derive_seed(stream, seed, update, ...)"}
+            save_training_checkpoint(config.checkpoint_path, model, optimizer, {**history, "rng": rng})
     return history
 
 

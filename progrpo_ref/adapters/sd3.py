@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
+from ..noise import TrajectoryNoise
 from ..rollout import sample
 from ..samplers import Sampler
 
@@ -170,5 +171,5 @@ class SD3Task:
     def evaluate(self, policy, sampler: Sampler) -> dict:
         device = policy.prompt_embeds.device
         prompts = torch.arange(self.eval_prompts, device=device) % self.num_prompts
-        images = sample(policy, sampler.deterministic(), prompts, torch.Generator().manual_seed(self.eval_seed), self.latent_shape)
+        images = sample(policy, sampler.deterministic(), prompts, TrajectoryNoise(self.eval_seed, stream="eval_ode"), self.latent_shape)
         return {"eval_reward": self.reward(images, prompts).mean().item()}

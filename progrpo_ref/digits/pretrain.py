@@ -85,7 +85,7 @@ def sample_accuracy(model, classifier, per_class: int = 100, num_steps: int = 10
     """Fraction of ``per_class`` x 10 ODE samples (Euler, ``num_steps``) classified as their prompt."""
     device = next(model.parameters()).device
     prompts = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_class)
-    images = sample(model, FlowSDE(num_steps, noise_level=0.0), prompts, generator=torch.Generator().manual_seed(seed))
+    images = sample(model, FlowSDE(num_steps, noise_level=0.0), prompts, noise=seed)
     return (classifier(images.clamp(-1, 1)).argmax(-1) == prompts).float().mean().item()
 
 

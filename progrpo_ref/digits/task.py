@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ..grpo import group_advantages
+from ..noise import TrajectoryNoise
 from ..rollout import rollout, sample
 from ..samplers import Sampler
 from .data import IMAGE_SHAPE, NUM_CLASSES
@@ -87,9 +88,8 @@ class DigitsTask:
     @torch.no_grad()
     def evaluate(self, policy, sampler: Sampler) -> dict:
         dev = _device(policy)
-        g = torch.Generator().manual_seed(self.eval_seed)
         prompts = torch.arange(NUM_CLASSES, device=dev).repeat_interleave(self.eval_per_class)
-        images = sample(policy, sampler.deterministic(), prompts, g, self.latent_shape)
+        images = sample(policy, sampler.deterministic(), prompts, TrajectoryNoise(self.eval_seed, stream="eval_ode"), self.latent_shape)
         names = dict.fromkeys([self.reward_name, "margin", *self.eval_rewards])  # the margin gives the accuracy
         scores = {name: self.scorer(name, dev)(images, prompts) for name in names}
         out = {f"eval_{name}": r.mean().item() for name, r in scores.items()}
@@ -97,7 +97,8 @@ class DigitsTask:
         n = self.eval_per_class
         per_prompt = images.view(NUM_CLASSES, n, -1)
         out["eval_diversity"] = torch.cdist(per_prompt, per_prompt).sum().item() / (NUM_CLASSES * n * max(n - 1, 1))
-        fresh = rollout(policy, sampler, torch.arange(NUM_CLASSES, device=dev), self.eval_group, g, latent_shape=self.latent_shape)
+        fresh = rollout(policy, sampler, torch.arange(NUM_CLASSES, device=dev), self.eval_group,
+                        TrajectoryNoise(self.eval_seed, stream="eval_group"), latent_shape=self.latent_shape)
         R = fresh.final_rewards(self.reward)
         A = group_advantages(R, self.adv_eps, clip=math.inf)
         out["fresh_reward_mean"] = R.mean().item()

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 
 ARMS = ["flow_grpo", "ovf", "standard", "flash"]
+from ..noise import per_update_generator
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -105,7 +107,6 @@ def run_epoch(arm, device, bf16, sd35, sd35_layers, prompts, updates, warmup, se
     cfg = arm_config(arm, prompts_per_update=prompts, device=device, seed=seed, progress=False)
     counter, reward = NFECounter(model), _CountingTask(task)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(seed)
     times = {"sampling_s": [], "optimisation_s": []}
     final_samples = 0
     for u in range(warmup + updates):
@@ -114,7 +115,8 @@ def run_epoch(arm, device, bf16, sd35, sd35_layers, prompts, updates, warmup, se
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
         _sync(device); t0 = time.perf_counter()
-        ro, R = collect(counter, reward, cfg, gen)
+        gen = per_update_generator(seed, u + 1)
+        ro, R = collect(counter, reward, cfg, u + 1, gen)
         _sync(device); t1 = time.perf_counter()
         optimise(model, None, optimizer, ro, group_advantages(R, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
         _sync(device); t2 = time.perf_counter()
@@ -143,13 +145,14 @@ def run_interleaved(arms, device, bf16, sd35, sd35_layers, prompts, rounds, seed
     for arm in arms:
         task, model = build(device, bf16, sd35, sd35_layers)
         cfg = arm_config(arm, prompts_per_update=prompts, device=device, seed=seed, progress=False)
-        state[arm] = (model, task, cfg, torch.optim.Adam(model.parameters(), lr=cfg.lr), torch.Generator().manual_seed(seed))
+        state[arm] = (model, task, cfg, torch.optim.Adam(model.parameters(), lr=cfg.lr))
     times = {arm: {"sampling_s": [], "optimisation_s": []} for arm in arms}
     for r in range(rounds + 1):
         for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
-            model, task, cfg, optimizer, gen = state[arm]
+            model, task, cfg, optimizer = state[arm]
+            gen = per_update_generator(seed, r + 1)
             _sync(device); t0 = time.perf_counter()
-            ro, R = collect(model, task, cfg, gen)
+            ro, R = collect(model, task, cfg, r + 1, gen)
             _sync(device); t1 = time.perf_counter()
             optimise(model, None, optimizer, ro, group_advantages(R, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
             _sync(device); t2 = time.perf_counter()
@@ -243,6 +246,35 @@ def predict(arm: str, cal: dict, prompts: int, updates: int) -> dict:
 
 
 # ---------------------------------------------------------------- scaling of sampling cost
+def noise_cost(device, bf16, prompts=4, reps=20) -> dict:
+    """What the per-trajectory noise streams (``noise.TrajectoryNoise``) cost, against one generator
+    drawing the same numbers in one call, as a fraction of the arm's sampling time (rollout +
+    rewards), for Flow-GRPO (24 trajectories per prompt) and Standard (48 at the start). Medians of
+    ``reps`` interleaved rounds."""
+    from ..noise import TrajectoryNoise
+    from ..trainer import arm_config, collect
+
+    task, model = build(device, bf16, False)
+    out = {}
+    for arm in ("flow_grpo", "standard"):
+        cfg = arm_config(arm, prompts_per_update=prompts, device=device, progress=False)
+        G, T = cfg.schedule.group_sizes[0], cfg.schedule.num_steps
+        single = torch.Generator().manual_seed(0)
+        fns = {"sampling_s": lambda: collect(model, task, cfg, 1, per_update_generator(0, 1)),
+               "streams_s": lambda: TrajectoryNoise(0, 1).draws(prompts, G, T + 1, task.latent_shape),
+               "one_generator_s": lambda: torch.randn((prompts, G, T + 1, *task.latent_shape), generator=single)}
+        times = {k: [] for k in fns}
+        for r in range(reps + 1):
+            for k, fn in fns.items():
+                _sync(device); t = time.perf_counter(); fn(); _sync(device)
+                if r > 0:
+                    times[k].append(time.perf_counter() - t)
+        row = {k: statistics.median(v) for k, v in times.items()}
+        row["overhead_fraction"] = (row["streams_s"] - row["one_generator_s"]) / row["sampling_s"]
+        out[arm] = row
+    return out
+
+
 def scaling(device, bf16, prompts=4, reps=5) -> dict:
     """Median seconds of one rollout (sampling only) for G in (24, 48, 96) at T = 10 and T in (10, 20, 40) at G = 24."""
     from ..rollout import rollout
@@ -324,11 +356,21 @@ def main(argv=None):
     ap.add_argument("--markdown", type=Path, help="write the Markdown table here too")
     ap.add_argument("--scaling", type=Path, help="also time sampling against G and T and save the plot here")
     ap.add_argument("--scaling-only", action="store_true", help="only the scaling plot (to --scaling or figures/)")
+    ap.add_argument("--noise-cost", action="store_true", help="only the cost of the per-trajectory noise streams")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rounds, reps = (2, 5) if args.quick else (args.rounds, 30)
     common = dict(device=args.device, bf16=args.bf16, sd35=args.sd35, sd35_layers=args.sd35_layers)
     name = device_name(args.device)
+
+    def report_noise(nc):
+        for arm, r in nc.items():
+            print(f"noise streams, {arm}: {r['streams_s'] * 1e3:.2f} ms per update against {r['one_generator_s'] * 1e3:.2f} ms "
+                  f"from one generator, {r['overhead_fraction']:.1%} of its sampling time ({r['sampling_s'] * 1e3:.1f} ms)")
+
+    if args.noise_cost:
+        report_noise(noise_cost(args.device, args.bf16, args.prompts))
+        return
 
     if args.scaling or args.scaling_only:
         path = args.scaling or REPO / "figures" / "bench_scaling.png"
@@ -376,6 +418,8 @@ def main(argv=None):
         row["rounds"] = rounds
         rows.append(row)
     rows[0]["calibration_s"] = cal  # the cost model's measured step costs, for the record
+    if not args.sd35:
+        rows[0]["noise_cost"] = noise_cost(args.device, args.bf16, args.prompts, 3 if args.quick else 20)
     header = (f"{'SD3.5-Medium-size random transformer, 512 px' if args.sd35 else 'tiny SD3 flow model'}, {name}, "
               f"{args.prompts} prompts per update; seconds per update, median of {rounds} interleaved rounds"
               f"{', bf16 autocast' if args.bf16 else ''}; {time.strftime('%Y-%m-%d')}")
@@ -388,6 +432,8 @@ def main(argv=None):
         print(f"{r['method']:10s} measured total ratio {r['total_ratio']:.3f} (quartiles {lo:.3f}-{hi:.3f}), predicted {r['model_ratio']:.3f} "
               f"({gap:+.1%}); sampling {r['sampling_ratio']:.3f} vs {r['model_sampling_ratio']:.3f}, "
               f"optimisation {r['optimisation_ratio']:.3f} vs {r['model_optimisation_ratio']:.3f}")
+    if "noise_cost" in rows[0]:
+        report_noise(rows[0]["noise_cost"])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     if args.markdown:
