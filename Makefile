@@ -25,18 +25,22 @@ test: venv
 	$(PY) -m pytest -q tests
 	$(if $(NOTEBOOKS),PROGRPO_PROFILE=quick $(PY) -m pytest -q --nbval-lax $(NOTEBOOKS))
 
-# Re-execute every notebook in order, in place, in the full profile (they rewrite figures/),
-# then the benchmark (figures/bench_cpu.{md,json}, figures/bench_scaling.png). About 25 minutes on 2 cores.
+# Re-execute every notebook in order, in place, in the full profile (they rewrite figures/ and their part of
+# figures/results.json), then the benchmark (figures/bench_cpu.{md,json}, figures/bench_scaling.png), then
+# regenerate the README's result sections from those files. About 30 minutes on 2 cores.
 reproduce: venv
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \
 	  PROGRPO_PROFILE=full $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
-	    --ExecutePreprocessor.timeout=-1 "$$nb" || exit 1; \
+	    --ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.store_widget_state=False "$$nb" || exit 1; \
 	done
 	$(MAKE) bench
+	$(PY) -m progrpo_ref.study.results
 
+# JupyterLab refuses to start as root (as in most containers) unless told --allow-root; only pass it then.
+LAB_ROOT_FLAG = $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: venv
-	$(PY) -m jupyter lab notebooks/
+	$(PY) -m jupyter lab $(LAB_ROOT_FLAG) notebooks/
 
 bench: venv
 	$(PY) -m progrpo_ref.study.bench --json figures/bench_cpu.json --markdown figures/bench_cpu.md --scaling figures/bench_scaling.png

@@ -15,8 +15,8 @@ KL: a step of the policy and of the reference are Gaussians with the same std s_
 so per element KL = (mu_theta - mu_ref)^2 / (2 s_t^2), averaged over C, H, W like the log-prob.
 For the flow SDE s_t = g sqrt(-dt): Flow-GRPO's code divides by 2 g^2 instead (it leaves dt out of
 the denominator, as its maintainers recommend); ours is the exact KL of the step, i.e. Flow-GRPO's
-value divided by -dt. With 10 steps (-dt = 0.1) our KL is 10x Flow-GRPO's, so our beta plays the
-role of 10x a Flow-GRPO beta.
+value divided by -dt. With 10 uniform steps (-dt = 0.1) our KL is 10x Flow-GRPO's: a beta here acts
+like a Flow-GRPO beta 10 times as large (Flow-GRPO's 0.01 is 0.001 here). Derivation: docs/derivations.md.
 """
 from __future__ import annotations
 

@@ -5,10 +5,12 @@ OVF keeps the size-k subset of a group with the largest reward variance:
     K* = argmax_{|K| = k} var({R_g : g in K})
 
 Exact solver in O(G log G). Sort the rewards. Some optimal subset is always the j lowest plus the
-k - j highest rewards, for some j in 0..k: if a kept reward lay strictly between two dropped ones,
-swapping it for the dropped one farther from the kept mean would not lower the variance
-(var = mean of squared distances to the mean, and moving one point farther from the mean while
-re-centring never decreases it). So we score the k + 1 "two tails" candidates with prefix sums,
+k - j highest rewards, for some j in 0..k. Why: var(K) = (1 / 2k^2) sum over pairs (R_i - R_j)^2, and
+swapping a kept x for a dropped y changes the pair sum by f(y) - f(x), f(z) = sum_{j kept, j != x} (z - R_j)^2.
+f is convex, so if x lies between two dropped values lo <= x <= hi, one of them gives f >= f(x):
+swapping it in does not lower the variance, and repeating this ends at two tails (full proof in
+docs/derivations.md, section 5; PODS, arXiv 2504.13818, uses the same lemma for LLM GRPO). So we
+score the k + 1 "two tails" candidates with prefix sums,
 
     S_j = sum of the j lowest + sum of the k - j highest,    Q_j = same for the squares,
     var_j = Q_j / k - (S_j / k)^2,

@@ -89,10 +89,10 @@ def test_log_prob_is_the_gaussian_density_of_the_step(i, a):
 
 def test_first_steps_keep_a_variance_offset_of_about_a4_over_4_at_any_T():
     """From exact samples of x at sigma_i, one step should land on the marginal at sigma_{i+1}. It does,
-    up to O(1/T), except near sigma = 1, where g^2 = a^2 sigma / (1 - sigma) diverges: the k-th step from
-    noise adds about a^4 / (4 k^2) to the variance however fine the grid. The guarded first step
-    (sigma = 1) and the unguarded second (sigma = 1 - 1/T) behave alike; the first's excess is
-    a^4 / 4 + a^2 / T + O(1/T^2) (derivation in docs/derivations.md)."""
+    up to O(1/T), except near sigma = 1, where g^2 = a^2 sigma / (1 - sigma) diverges: the step from
+    sigma = 1 - i/T adds about a^4 / (4 i^2) to the variance however fine the grid. The guarded first
+    step (sigma = 1) behaves like i = 1, as the unguarded second does; its excess is
+    a^4 / 4 + a^2 / T - s0^2 / T^2 (derivation in docs/derivations.md, section 2)."""
     g = torch.Generator().manual_seed(0)
     for T in (10, 40, 160):
         sampler = FlowSDE(T, A)
@@ -111,7 +111,8 @@ def test_first_steps_keep_a_variance_offset_of_about_a4_over_4_at_any_T():
 def test_sde_moments_approach_those_of_x_sigma_as_T_grows():
     """Full runs from N(0, 1) at sigma = 1 with the exact velocity: at fixed sigma (0.5 and the final
     sample) mean and variance approach the marginal's, the error shrinking with T; the excess that the
-    first steps inject is forgotten along the way. Tolerances: about 1.3x the errors measured at each T."""
+    first steps inject is forgotten along the way, slowly (like T^(-a^2) at fixed sigma, docs/derivations.md
+    section 2.5). Tolerances: about 1.3x the errors measured at each T."""
     g = torch.Generator().manual_seed(1)
     tolerance = {10: (0.08, 0.015), 40: (0.024, 0.0035), 160: (0.010, 0.0012)}  # variance error at sigma 0.5, 0
     errors = []

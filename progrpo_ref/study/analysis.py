@@ -107,7 +107,7 @@ def _paired_stats(d: torch.Tensor) -> dict:
     """Mean, std and standard error of per-seed differences ``[S]``, and whether |mean| > 2 se."""
     se = d.std() / math.sqrt(len(d)) if len(d) > 1 else torch.tensor(float("inf"))
     return {"mean": d.mean().item(), "std": d.std().item() if len(d) > 1 else float("nan"),
-            "se": se.item(), "exceeds_2se": bool(d.mean().abs() > 2 * se)}
+            "se": se.item(), "exceeds_2se": bool(d.mean().abs() > 2 * se), "n": len(d)}
 
 
 def mean_cost(histories: list[dict]) -> dict:

@@ -375,6 +375,7 @@ def main(argv=None):
     if args.scaling or args.scaling_only:
         path = args.scaling or REPO / "figures" / "bench_scaling.png"
         res = scaling(args.device, args.bf16)
+        scaled = {k: {str(n): t for n, t in v.items()} for k, v in res.items()}  # for the JSON
         plot_scaling(res, path, name)
         g, t = res["group"], res["steps"]
         print(f"sampling scaling ({name}): G 24 -> 48 -> 96: {g[24] * 1e3:.0f} -> {g[48] * 1e3:.0f} -> {g[96] * 1e3:.0f} ms "
@@ -418,11 +419,14 @@ def main(argv=None):
         row["rounds"] = rounds
         rows.append(row)
     rows[0]["calibration_s"] = cal  # the cost model's measured step costs, for the record
+    if args.scaling:
+        rows[0]["scaling"] = scaled
     if not args.sd35:
         rows[0]["noise_cost"] = noise_cost(args.device, args.bf16, args.prompts, 3 if args.quick else 20)
     header = (f"{'SD3.5-Medium-size random transformer, 512 px' if args.sd35 else 'tiny SD3 flow model'}, {name}, "
               f"{args.prompts} prompts per update; seconds per update, median of {rounds} interleaved rounds"
               f"{', bf16 autocast' if args.bf16 else ''}; {time.strftime('%Y-%m-%d')}")
+    rows[0]["header"] = header
     table = markdown(rows, header)
     print(table)
     print()
