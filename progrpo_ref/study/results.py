@@ -113,8 +113,8 @@ def render_findings(r: dict) -> str:
         ("Pro-GRPO is cheaper for the same or better result",
          f"equal NFE: Standard {_pm(three['equal_nfe']['standard'])}, Flash {_pm(three['equal_nfe']['flash'])}; "
          f"equal seconds: Standard {_pm(three['equal_seconds']['standard'])}, Flash {_pm(three['equal_seconds']['flash'])}",
-         "; ".join(f"{arm}: {verdict(three[k][arm], 1)} at equal {w}" for arm in ("standard", "flash")
-                   for k, w in (("equal_nfe", "NFE"), ("equal_seconds", "seconds")))),
+         "; ".join(f"{arm.capitalize()}: {verdict(three['equal_nfe'][arm], 1)} (NFE), "
+                   f"{verdict(three['equal_seconds'][arm], 1)} (seconds)" for arm in ("standard", "flash"))),
         ("later checkpoints prune better (Table 6)",
          f"(6, 8): {f3['prune at 6,8']['mean']:.2f} vs (2, 4): {f3['prune at 2,4']['mean']:.2f}, diff "
          f"{_pm(d3['late vs early'])} ({d3['late vs early']['n']} seeds)", verdict(d3["late vs early"], 1)),
@@ -152,8 +152,9 @@ def render_bench(b: list[dict]) -> str:
                  f"{flow['optimisation_s'] / flow['total_s']:.0%} of a Flow-GRPO update here.")
     if "scaling" in b[0]:
         g, t = b[0]["scaling"]["group"], b[0]["scaling"]["steps"]
-        lines.append(f"- Sampling cost grows linearly: 4x the group (24 -> 96) costs {g['96'] / g['24']:.2f}x, 4x the steps "
-                     f"(10 -> 40) {t['40'] / t['10']:.2f}x (`figures/bench_scaling.png`).")
+        lines.append(f"- Sampling cost against size: 4x the group (24 -> 96) costs {g['96'] / g['24']:.2f}x, 4x the steps "
+                     f"(10 -> 40) {t['40'] / t['10']:.2f}x (`figures/bench_scaling.png`; on a CPU the cost per sample "
+                     "falls with the batch size, the cost per step does not).")
     if "noise_cost" in b[0]:
         nc = b[0]["noise_cost"]
         lines.append(f"- The per-trajectory noise streams (`noise.py`) cost {nc['flow_grpo']['overhead_fraction']:.1%} (Flow-GRPO) and "
@@ -169,10 +170,10 @@ def sections(results: dict, bench: list[dict]) -> dict:
 def regenerate(readme: str, secs: dict) -> str:
     """The README text with every generated section replaced; each marker pair must exist once."""
     for name, body in secs.items():
-        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
         if len(pattern.findall(readme)) != 1:
             raise ValueError(f"README needs exactly one <!-- results:{name} --> ... <!-- /results:{name} --> pair")
-        readme = pattern.sub(lambda m: m.group(1) + body + m.group(2), readme)
+        readme = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), readme)
     return readme
 
 
