@@ -6,8 +6,8 @@ header, the optimizer's hyperparameters and the trainer's state (config, task, h
 The file is written to a temporary name in the same folder and renamed over the target, so an
 interrupted write leaves the previous checkpoint intact, never a half-written one. No pickles.
 
-Read a checkpoint's history without torch: the JSON is in the safetensors header (the first
-8 bytes give its length), e.g. ``safe_open(path, "pt").metadata()["state"]``.
+Read a checkpoint's history without torch: the JSON is in the safetensors header (the first 8 bytes
+give its length, little-endian), e.g. ``safe_open(path, framework="numpy").metadata()["state"]``.
 """
 from __future__ import annotations
 
@@ -39,14 +39,17 @@ def save_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:  # on disk before it replaces the old checkpoint
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def load_training_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    """``{"model": state_dict, "optimizer": state_dict, "state": dict}``.
+def load_training_checkpoint(path: str | Path) -> dict:
+    """``{"model": state_dict, "optimizer": state_dict, "state": dict}``, tensors on the CPU
+    (``load_state_dict`` moves them to the parameters' device; Adam keeps its step count on the CPU).
 
     A missing file raises ``FileNotFoundError`` naming it; an unreadable one ``ValueError`` naming it.
     """
@@ -56,7 +59,7 @@ def load_training_checkpoint(path: str | Path, device: str | torch.device = "cpu
     if not path.is_file():
         raise FileNotFoundError(f"training checkpoint {path} does not exist (train with checkpoint_path set first)")
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")

@@ -37,8 +37,8 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, global_std: bool 
         raise ValueError(f"rewards must be [P, K] with K >= 2, got shape {tuple(getattr(rewards, 'shape', ()))}")
     if not torch.isfinite(rewards).all():
         raise ValueError(f"rewards contain {int((~torch.isfinite(rewards)).sum())} non-finite values")
-    if not eps >= 0 or not clip > 0:
-        raise ValueError(f"eps={eps} must be >= 0 and clip={clip} > 0")
+    if not eps > 0 or not clip > 0:
+        raise ValueError(f"eps={eps} and clip={clip} must be > 0 (eps = 0 divides a zero-std group by 0)")
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     std = rewards.std(unbiased=False) if global_std else rewards.std(dim=1, unbiased=False, keepdim=True)
     return (centred / (std + eps)).clamp(-clip, clip)
@@ -114,25 +114,25 @@ def grpo_objective(
     if count < 1:
         raise ValueError(f"count={count} must be >= 1")
 
-    total = latents.new_zeros(())
-    policy_sum, kl_sum, clipped_sum, max_dev = 0.0, 0.0, 0, 0.0
+    zero = latents.new_zeros((), dtype=torch.float32)
+    total, policy_sum, kl_sum, clipped_sum, max_dev = zero, zero, zero, zero, zero  # summed on the device
     for t in steps:
         step = step_log_prob(policy, sampler, latents, prompts, t)
         pg, clipped = clipped_policy_loss(step.log_prob, old_log_probs[:, t], advantages, clip_range)
         term = pg.sum()
-        policy_sum += term.item()
+        policy_sum = policy_sum + term.detach()
         if beta > 0:
             with torch.no_grad():
                 ref_mean = step_log_prob(reference, sampler, latents, prompts, t).mean
             kl = gaussian_kl(step.mean, ref_mean, step.std).sum()
-            kl_sum += kl.item()
+            kl_sum = kl_sum + kl.detach()
             term = term + beta * kl
         if backward:
             (term / count).backward()
-            total = total + term.detach()
-        else:
-            total = total + term
-        clipped_sum += int(clipped.sum())
-        max_dev = max(max_dev, (step.log_prob.detach() - old_log_probs[:, t]).abs().max().item())
-    return Objective(total / count, policy_sum / count, kl_sum / count, clipped_sum / (B * len(steps)), max_dev)
+            term = term.detach()
+        total = total + term
+        clipped_sum = clipped_sum + clipped.sum()
+        max_dev = torch.maximum(max_dev, (step.log_prob.detach() - old_log_probs[:, t]).abs().max())
+    stats = torch.stack([policy_sum / count, kl_sum / count, clipped_sum / (B * len(steps)), max_dev]).tolist()  # one sync
+    return Objective(total / count, *stats)
 

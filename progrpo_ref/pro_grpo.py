@@ -81,8 +81,9 @@ def expand_and_prune(
     reward_fn: Callable,
     noise: TrajectoryNoise | int | None = None,
     strategy: str = "ovf",
-    latent_shape: tuple[int, ...] = (1, 8, 8),
     generator: torch.Generator | None = None,
+    *,
+    latent_shape: tuple[int, ...],
 ) -> Rollout:
     """Roll out ``schedule.group_sizes[0]`` trajectories per prompt ``[P]`` and prune them by OVF on
     preview rewards at each prune step. Returns the survivors (K = final size) with ``previews``:
@@ -109,7 +110,7 @@ def expand_and_prune(
     return out
 
 
-def record_previews(model, sampler: Sampler, prompts, group_size, reward_fn, steps, noise=None, latent_shape=(1, 8, 8)):
+def record_previews(model, sampler: Sampler, prompts, group_size, reward_fn, steps, noise=None, *, latent_shape):
     """An unpruned rollout that scores the preview x0_hat of every trajectory at each of ``steps``.
 
     For measuring proxy fidelity: returns (rollout, {step: preview rewards [P, G]}). Nothing is pruned.

@@ -73,7 +73,7 @@ class Rollout:
         return Rollout(take(self.prompts), take(self.latents), take(self.log_probs), self.nfe, self.previews)
 
 
-def _check(sampler, prompts, group_size, preview_steps):
+def _check(sampler, prompts, group_size, preview_steps, latent_shape):
     if not isinstance(sampler, Sampler):
         raise ValueError(f"sampler must be a Sampler (e.g. FlowSDE()), got {type(sampler).__name__}")
     if not isinstance(prompts, torch.Tensor) or prompts.dim() != 1 or prompts.is_floating_point() or len(prompts) == 0:
@@ -83,6 +83,8 @@ def _check(sampler, prompts, group_size, preview_steps):
     bad = [c for c in preview_steps if not 1 <= c <= sampler.num_steps]
     if bad:
         raise ValueError(f"preview_steps={tuple(preview_steps)} must lie in [1, {sampler.num_steps}] (network calls)")
+    if not (isinstance(latent_shape, (tuple, list)) and latent_shape and all(isinstance(d, int) and d > 0 for d in latent_shape)):
+        raise ValueError(f"latent_shape={latent_shape!r} must be a tuple of positive ints, the task's [C, H, W]")
 
 
 @torch.no_grad()
@@ -94,11 +96,12 @@ def rollout(
     noise: TrajectoryNoise | int | None = None,
     preview_steps: tuple[int, ...] = (),
     on_preview: Callable | None = None,
-    latent_shape: tuple[int, ...] = (1, 8, 8),
+    *,
+    latent_shape: tuple[int, ...],
 ) -> Rollout:
     """Sample ``group_size`` trajectories for each of the P ``prompts`` ``[P]``; see the module doc.
-    ``noise``: the update's ``TrajectoryNoise`` (an int is a seed)."""
-    _check(sampler, prompts, group_size, preview_steps)
+    ``noise``: the update's ``TrajectoryNoise`` (an int is a seed); ``latent_shape``: the task's [C, H, W]."""
+    _check(sampler, prompts, group_size, preview_steps, latent_shape)
     noise = as_noise(noise)
     device = prompts.device
     P, g, T = len(prompts), group_size, sampler.num_steps
@@ -133,7 +136,7 @@ def rollout(
     )
 
 
-def sample(model, sampler: Sampler, prompts, noise=None, latent_shape=(1, 8, 8)) -> torch.Tensor:
+def sample(model, sampler: Sampler, prompts, noise=None, *, latent_shape: tuple[int, ...]) -> torch.Tensor:
     """Final images ``[B, C, H, W]``, one per prompt ``[B]``, with ``sampler`` (its ``deterministic()``
     mode for evaluation)."""
     return rollout(model, sampler, prompts, 1, noise, latent_shape=latent_shape).images[:, 0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
@@ -32,7 +33,7 @@ from .noise import TrajectoryNoise, per_update_generator
 from .ovf import STRATEGIES, select_subset
 from .pro_grpo import PRESETS, PruneSchedule, expand_and_prune
 from .rollout import NFECounter, Rollout, rollout
-from .samplers import FlowSDE, Sampler
+from .samplers import FlowSDE, Sampler, sampler_from_dict, sampler_to_dict
 from .task import check_task
 
 TIMING_KEYS = ("sampling_s", "optimisation_s", "eval_s")
@@ -101,6 +102,12 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.schedule, dict):  # from a history's JSON
             self.schedule = PruneSchedule(**self.schedule)
+        if isinstance(self.sampler, dict):
+            self.sampler = sampler_from_dict(self.sampler)
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        if isinstance(self.checkpoint_path, os.PathLike):
+            self.checkpoint_path = os.fspath(self.checkpoint_path)
         _validate(self)
 
     @property
@@ -113,10 +120,11 @@ class TrainConfig:
         return self.schedule.final_size if self.selection == "all" else self.select_k
 
     def to_dict(self) -> dict:
-        """JSON-able: the schedule as a dict, the sampler as its class name and fields."""
+        """JSON-able: the schedule as a dict, the sampler as its class name and fields;
+        ``TrainConfig(**config.to_dict())`` rebuilds the config."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["schedule"] = asdict(self.schedule)
-        d["sampler"] = {"family": type(self.sampler).__name__, **asdict(self.sampler)}
+        d["sampler"] = sampler_to_dict(self.sampler)
         return d
 
 
@@ -154,7 +162,7 @@ def _validate(c: TrainConfig) -> None:
     number("lr", 0, 1)
     number("clip_range", 0, 1)
     number("adv_clip", 0, math.inf)
-    number("adv_eps", 0, 1, lo_open=False)
+    number("adv_eps", 0, 1)
     need(isinstance(c.global_std, bool), f"global_std={c.global_std!r} must be True or False")
     number("beta", 0, math.inf, lo_open=False)
     integer("num_minibatches", 1)
@@ -171,7 +179,8 @@ def _validate(c: TrainConfig) -> None:
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device={c.device!r} is not a torch device ({e})") from None
     need(c.checkpoint_path is None or isinstance(c.checkpoint_path, str) and c.checkpoint_path,
-         f"checkpoint_path={c.checkpoint_path!r} must be None or a path string")
+         f"checkpoint_path={c.checkpoint_path!r} must be None or a path")
+    need(isinstance(c.device, str), f"device={c.device!r} must be a device string such as 'cpu' or 'cuda:0'")
     integer("checkpoint_every", 0)
     need(isinstance(c.progress, bool), f"progress={c.progress!r} must be True or False")
 
@@ -206,7 +215,7 @@ def collect(model: Callable, task, config: TrainConfig, update: int, generator: 
     noise = TrajectoryNoise(config.seed, update)
     if len(config.schedule.group_sizes) > 1:
         ro = expand_and_prune(model, config.sampler, prompts, config.schedule, task.reward, noise,
-                              config.prune_strategy, task.latent_shape, generator)
+                              config.prune_strategy, generator, latent_shape=task.latent_shape)
     else:
         ro = rollout(model, config.sampler, prompts, config.schedule.group_sizes[0], noise, latent_shape=task.latent_shape)
     R = ro.final_rewards(task.reward)
@@ -225,11 +234,11 @@ def optimise(model, reference, optimizer, ro: Rollout, advantages: torch.Tensor,
     steps = range(config.trained_steps)
     perm = torch.randperm(P * K, generator=generator).to(latents.device)
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_dev_first": 0.0}
-    for i, mb in enumerate(perm.chunk(config.num_minibatches)):
+    for i, mb in enumerate(torch.tensor_split(perm, config.num_minibatches)):  # sizes differ by at most one
         optimizer.zero_grad(set_to_none=True)
         out = grpo_objective(model, config.sampler, latents[mb], prompts[mb], old_lp[mb], adv[mb], steps,
                              config.clip_range, config.beta, reference, backward=True)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
         optimizer.step()
         stats["loss"] += out.loss.item() / config.num_minibatches
         stats["kl"] += out.kl / config.num_minibatches
@@ -256,22 +265,26 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
         raise ValueError("resume=True needs config.checkpoint_path")
     dev = config.device
     model = model if model is not None else task.policy(dev)
-    model.requires_grad_(True)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # e.g. only a LoRA adapter's
+    if not trainable:
+        raise ValueError(f"the policy {type(model).__name__} has no parameter with requires_grad=True")
     reference = task.reference(model, dev) if config.beta > 0 else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(trainable, lr=config.lr)
     counter = NFECounter(model)
     history = {"config": config.to_dict(), "task": task.describe(), "updates": [], "evals": []}
     start = 0
 
     if resume:
-        ckpt = load_training_checkpoint(config.checkpoint_path, dev)
+        ckpt = load_training_checkpoint(config.checkpoint_path)
         _check_resumable(ckpt["state"], history, config.checkpoint_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         history["updates"], history["evals"] = ckpt["state"]["updates"], ckpt["state"]["evals"]
         start = len(history["updates"])
-        if history["evals"] and history["evals"][-1]["update"] % config.eval_every:
-            history["evals"].pop()  # an end-of-run evaluation off the eval_every grid
+        if config.num_updates < start:
+            raise ValueError(f"num_updates={config.num_updates} is fewer than the {start} updates in {config.checkpoint_path}")
+        if start < config.num_updates and history["evals"] and history["evals"][-1]["update"] % config.eval_every:
+            history["evals"].pop()  # an end-of-run evaluation off the eval_every grid: the longer run has none there
 
     def run_eval(u):
         t = time.perf_counter()

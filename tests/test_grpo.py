@@ -23,6 +23,8 @@ def test_group_advantages_by_hand():
         group_advantages(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError, match="K >= 2"):
         group_advantages(torch.tensor([[1.0]]))
+    with pytest.raises(ValueError, match="eps=0 and clip=5.0 must be > 0"):
+        group_advantages(R, eps=0)
 
 
 def test_clipped_loss_by_hand():
@@ -46,7 +48,7 @@ def test_gaussian_kl_matches_torch():
 
 def test_on_policy_ratio_is_exactly_one_and_splits_agree(flow_model, sde):
     g = torch.Generator().manual_seed(0)
-    ro = rollout(flow_model, sde, torch.tensor([3, 7]), 8, 0)
+    ro = rollout(flow_model, sde, torch.tensor([3, 7]), 8, 0, latent_shape=(1, 8, 8))
     lat, c, old = ro.latents.flatten(0, 1), ro.prompts.flatten(), ro.log_probs.flatten(0, 1)
     with torch.no_grad():
         for t in range(10):
@@ -153,7 +155,7 @@ def test_one_update_raises_advantage_weighted_log_prob(sde):
 
     model = load_flow_model()
     g = torch.Generator().manual_seed(0)
-    ro = rollout(model, sde, torch.tensor([1, 5]), 8, 0)
+    ro = rollout(model, sde, torch.tensor([1, 5]), 8, 0, latent_shape=(1, 8, 8))
     A = group_advantages(torch.randn(2, 8, generator=g)).flatten()
     lat, c = ro.latents.flatten(0, 1), ro.prompts.flatten()
 

@@ -26,8 +26,9 @@ def test_a_trajectory_draws_the_same_noise_in_any_batch_and_process():
 
 def test_rollouts_split_over_processes_reproduce_one_process():
     sde, prompts = FlowSDE(6), torch.tensor([4, 1, 7, 2])
-    one = rollout(shrink, sde, prompts, 5, TrajectoryNoise(9, 1))
-    halves = [rollout(shrink, sde, prompts[i:i + 2], 5, TrajectoryNoise(9, 1, first_prompt=i)) for i in (0, 2)]
+    one = rollout(shrink, sde, prompts, 5, TrajectoryNoise(9, 1), latent_shape=(1, 4, 4))
+    halves = [rollout(shrink, sde, prompts[i:i + 2], 5, TrajectoryNoise(9, 1, first_prompt=i), latent_shape=(1, 4, 4))
+              for i in (0, 2)]
     assert torch.equal(torch.cat([h.latents for h in halves]), one.latents)
     assert torch.equal(torch.cat([h.log_probs for h in halves]), one.log_probs)
 
@@ -35,8 +36,9 @@ def test_rollouts_split_over_processes_reproduce_one_process():
 def test_pruning_does_not_change_the_survivors_noise():
     sde, prompts = FlowSDE(10), torch.tensor([0, 3])
     reward = lambda x, c: x.flatten(1).sum(1)  # noqa: E731
-    pruned = expand_and_prune(shrink, sde, prompts, PruneSchedule((12, 6, 3), (4, 7), 10), reward, TrajectoryNoise(2, 8))
-    full = rollout(shrink, sde, prompts, 12, TrajectoryNoise(2, 8))
+    pruned = expand_and_prune(shrink, sde, prompts, PruneSchedule((12, 6, 3), (4, 7), 10), reward, TrajectoryNoise(2, 8),
+                              latent_shape=(1, 4, 4))
+    full = rollout(shrink, sde, prompts, 12, TrajectoryNoise(2, 8), latent_shape=(1, 4, 4))
     first, second = pruned.previews[0]["keep"], pruned.previews[1]["keep"]
     survivors = first.gather(1, second)  # indices into the expanded group of 12
     assert torch.equal(pruned.latents, full.select(survivors).latents)

@@ -42,9 +42,10 @@ def test_schedule_validation(kwargs, match):
     (dict(prompts=torch.tensor([], dtype=torch.long)), "non-empty"),
     (dict(preview_steps=(11,)), r"preview_steps=\(11,\) must lie in \[1, 10\]"),
     (dict(sampler=None), "sampler must be a Sampler"),
+    (dict(latent_shape=(1, 8.0, 8)), "latent_shape=.* must be a tuple of positive ints"),
 ])
 def test_rollout_rejects_bad_input(flow_model, sde, kwargs, match):
-    args = dict(sampler=sde, prompts=torch.tensor([1]), group_size=4) | kwargs
+    args = dict(sampler=sde, prompts=torch.tensor([1]), group_size=4, latent_shape=(1, 8, 8)) | kwargs
     with pytest.raises(ValueError, match=match):
         rollout(flow_model, **args)
 
@@ -55,9 +56,9 @@ def test_measured_nfe_equals_the_schedule(flow_model, margin_reward, name):
     counter = NFECounter(flow_model)
     prompts = torch.tensor([0, 4, 9])
     if len(sched.group_sizes) > 1:
-        ro = expand_and_prune(counter, FlowSDE(), prompts, sched, margin_reward, 0)
+        ro = expand_and_prune(counter, FlowSDE(), prompts, sched, margin_reward, 0, latent_shape=(1, 8, 8))
     else:
-        ro = rollout(counter, FlowSDE(), prompts, 24, 0)
+        ro = rollout(counter, FlowSDE(), prompts, 24, 0, latent_shape=(1, 8, 8))
     assert counter.nfe == ro.nfe == sched.nfe() * 3
     assert counter.calls == 10  # one batched network call per step
     assert ro.latents.shape == (3, sched.final_size, 11, 1, 8, 8) and ro.log_probs.shape == (3, sched.final_size, 10)
@@ -66,7 +67,7 @@ def test_measured_nfe_equals_the_schedule(flow_model, margin_reward, name):
 def test_expand_and_prune_keeps_the_ovf_subset_of_previews(flow_model, margin_reward, sde):
     sched = PruneSchedule((16, 8, 4), (5, 7), 10)
     sigmas = sde.sigmas
-    ro = expand_and_prune(flow_model, sde, torch.tensor([2, 6]), sched, margin_reward, 1)
+    ro = expand_and_prune(flow_model, sde, torch.tensor([2, 6]), sched, margin_reward, 1, latent_shape=(1, 8, 8))
     assert [p["step"] for p in ro.previews] == [5, 7]
     assert [tuple(p["rewards"].shape) for p in ro.previews] == [(2, 16), (2, 8)]
     for p in ro.previews:
@@ -88,20 +89,20 @@ def test_expand_and_prune_keeps_the_ovf_subset_of_previews(flow_model, margin_re
 
 
 def test_record_previews_prunes_nothing(flow_model, margin_reward, sde):
-    ro, proxies = record_previews(flow_model, sde, torch.tensor([1, 2]), 6, margin_reward, (3, 9))
+    ro, proxies = record_previews(flow_model, sde, torch.tensor([1, 2]), 6, margin_reward, (3, 9), latent_shape=(1, 8, 8))
     assert ro.images.shape == (2, 6, 1, 8, 8) and sorted(proxies) == [3, 9]
     assert proxies[9].shape == (2, 6)
 
 
 def test_prune_schedule_must_match_the_sampler(flow_model, margin_reward):
     with pytest.raises(ValueError, match="20 steps but the prune schedule 10"):
-        expand_and_prune(flow_model, FlowSDE(20), torch.tensor([1]), PRESETS["standard"], margin_reward)
+        expand_and_prune(flow_model, FlowSDE(20), torch.tensor([1]), PRESETS["standard"], margin_reward, latent_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="strategy='best'"):
-        expand_and_prune(flow_model, FlowSDE(10), torch.tensor([1]), PRESETS["standard"], margin_reward, strategy="best")
+        expand_and_prune(flow_model, FlowSDE(10), torch.tensor([1]), PRESETS["standard"], margin_reward, strategy="best", latent_shape=(1, 8, 8))
 
 
 def test_rollout_select_gathers_the_same_trajectories(flow_model):
-    ro = rollout(flow_model, FlowSDE(4), torch.tensor([1, 2]), 5, 0)
+    ro = rollout(flow_model, FlowSDE(4), torch.tensor([1, 2]), 5, 0, latent_shape=(1, 8, 8))
     keep = torch.tensor([[4, 0], [2, 3]])
     sub = ro.select(keep)
     for p in range(2):

@@ -68,3 +68,11 @@ def test_the_prose_check_catches_a_typed_number():
                     {"cell_type": "code", "source": ["print(1.25)"], "outputs": [{"output_type": "stream", "text": ["1.25\n"]}]},
                     {"cell_type": "markdown", "source": ["**What we see.** 1.25 and 3.50 and 24.008"]}]}
     assert quoted_but_not_printed(nb) == [("1.25 is not printed yet", "1.25"), ("1.25 and 3.50 and 24.008", "3.50")]
+
+
+def test_the_readmes_example_runs():
+    code = re.search(r"## Using the package in your own trainer\n\n```python\n(.*?)```", results.README.read_text(), re.S).group(1)
+    assert "expand_and_prune" in code and "train(" in code
+    scope = {}
+    exec(code.replace("num_updates=5", "num_updates=1, progress=False"), scope)  # one update instead of five
+    assert scope["R"].shape == (2, 12) and scope["history"]["updates"][0]["nfe_per_prompt"] == 324

@@ -14,7 +14,7 @@ from progrpo_ref.grpo import step_log_prob
 from progrpo_ref.noise import TrajectoryNoise
 from progrpo_ref.pro_grpo import PRESETS, expand_and_prune
 from progrpo_ref.rollout import NFECounter, rollout
-from progrpo_ref.trainer import strip_timings
+from progrpo_ref.trainer import TrainConfig, strip_timings
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_train_drives_an_sd3_transformer(task, arm, tmp_path):
         assert row["trained_per_prompt"] == PRESETS[arm].final_size
         assert row["ratio_dev_first"] <= 1e-5  # the first mini-batch is on-policy up to batch composition
     assert [e["update"] for e in h["evals"]] == [0, 2] and h["task"]["name"] == "sd3_random"
-    resumed = train(arm_config(arm, **{**cfg.to_dict(), "num_updates": 3, "sampler": FlowSDE()}), task, resume=True)
+    resumed = train(TrainConfig(**{**cfg.to_dict(), "num_updates": 3}), task, resume=True)  # the config rebuilt from JSON
     assert strip_timings(resumed)["updates"][:2] == strip_timings(h)["updates"]
 
 

@@ -1,5 +1,6 @@
 """The training loop: every arm runs on the digits task, configs are validated, checkpoints resume exactly."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +72,7 @@ def test_resume_refuses_a_different_config_and_names_bad_files(tmp_path):
     (dict(num_updates=2.5), "num_updates=2.5 must be an integer"),
     (dict(eval_every=0), "eval_every=0"),
     (dict(adv_clip=0), "adv_clip=0"),
+    (dict(adv_eps=0), r"adv_eps=0 must be a finite number in \(0, 1\]"),
     (dict(max_grad_norm=0), "max_grad_norm=0"),
     (dict(seed=-1), "seed=-1"),
     (dict(device="gpu0"), "device='gpu0' is not a torch device"),
@@ -95,6 +97,40 @@ def test_other_bad_input():
         DigitsTask(eval_group=1)
     with pytest.raises(ValueError, match="resume=True needs config.checkpoint_path"):
         train(arm_config("flow_grpo", **TINY), TASK, resume=True)
+    with pytest.raises(ValueError, match="noise_level=True"):
+        FlowSDE(10, True)
+
+
+def test_resume_edge_cases(tmp_path):
+    ckpt = str(tmp_path / "run.safetensors")
+    base = dict(TINY, num_updates=3, eval_every=2, prompts_per_update=1, checkpoint_path=ckpt)
+    done = train(arm_config("g12", **base), TASK)
+    assert [e["update"] for e in done["evals"]] == [0, 2, 3]  # the end-of-run evaluation, off the grid
+    again = train(arm_config("g12", **base), TASK, resume=True)  # nothing left to do: the history as it was
+    assert strip_timings(again) == strip_timings(done)
+    with pytest.raises(ValueError, match="num_updates=2 is fewer than the 3 updates"):
+        train(arm_config("g12", **{**base, "num_updates": 2}), TASK, resume=True)
+    longer = train(arm_config("g12", **{**base, "num_updates": 4}), TASK, resume=True)
+    assert [e["update"] for e in longer["evals"]] == [0, 2, 4]
+
+
+def test_every_minibatch_steps_the_optimizer(monkeypatch):
+    steps = []
+    original = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+    # 12 trajectories in 5 mini-batches: chunk() would give 4 parts, tensor_split gives 5 (3, 3, 2, 2, 2)
+    train(arm_config("g12", **{**TINY, "num_updates": 1, "prompts_per_update": 1, "num_minibatches": 5}), TASK)
+    assert len(steps) == 5
+
+
+def test_only_trainable_parameters_are_trained():
+    model = TASK.policy()
+    model.prompt_tokens.requires_grad_(False)  # as a LoRA setup freezes the base weights
+    frozen, other = model.prompt_tokens.weight.clone(), model.prompt_pooled.weight.clone()
+    train(arm_config("g12", **{**TINY, "num_updates": 1, "prompts_per_update": 1}), TASK, model=model)
+    assert torch.equal(model.prompt_tokens.weight, frozen) and not torch.equal(model.prompt_pooled.weight, other)
+    with pytest.raises(ValueError, match="has no parameter with requires_grad=True"):
+        train(arm_config("g12", **TINY), TASK, model=TASK.policy().requires_grad_(False))
 
 
 def test_trained_steps_follow_flow_grpo_counting():
@@ -108,4 +144,8 @@ def test_config_round_trips_through_json():
     d = json.loads(json.dumps(c.to_dict()))
     assert d["schedule"] == {"group_sizes": [48, 24, 12], "prune_steps": [5, 7], "num_steps": 10}
     assert d["sampler"] == {"family": "FlowSDE", "num_steps": 10, "noise_level": 0.7, "shift": 1.0}
-    assert TrainConfig(**{k: v for k, v in d.items() if k != "sampler"}).schedule == c.schedule
+    assert TrainConfig(**d) == c  # rebuilt from JSON: schedule and sampler included
+    with pytest.raises(ValueError, match="sampler family 'DDIM' is unknown"):
+        TrainConfig(**{**d, "sampler": {"family": "DDIM", "num_steps": 10}})
+    p = arm_config("flow_grpo", device=torch.device("cpu"), checkpoint_path=Path("/tmp/x.safetensors"))
+    assert p.device == "cpu" and p.checkpoint_path == "/tmp/x.safetensors" and json.dumps(p.to_dict())

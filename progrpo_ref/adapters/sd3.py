@@ -159,7 +159,7 @@ class SD3Task:
         return random_sd35_medium(device, self.num_prompts, self._dtype(), self.seed, self.text_tokens, **self.transformer_overrides)
 
     def reference(self, policy, device="cpu"):
-        """A frozen copy of the initial transformer (rebuilt from the seed), sharing the embeddings."""
+        """A frozen copy of the initial transformer and embeddings, rebuilt from the seed."""
         return self.policy(device).requires_grad_(False)
 
     def reward(self, images, prompts):
@@ -171,5 +171,6 @@ class SD3Task:
     def evaluate(self, policy, sampler: Sampler) -> dict:
         device = policy.prompt_embeds.device
         prompts = torch.arange(self.eval_prompts, device=device) % self.num_prompts
-        images = sample(policy, sampler.deterministic(), prompts, TrajectoryNoise(self.eval_seed, stream="eval_ode"), self.latent_shape)
+        images = sample(policy, sampler.deterministic(), prompts, TrajectoryNoise(self.eval_seed, stream="eval_ode"),
+                        latent_shape=self.latent_shape)
         return {"eval_reward": self.reward(images, prompts).mean().item()}

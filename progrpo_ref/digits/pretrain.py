@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .serialization import save_module
 from .classifier import CLASSIFIER_CHECKPOINTS, ClassifierConfig, heldout_accuracy, train_classifier
-from .data import NUM_CLASSES, load_split
+from .data import IMAGE_SHAPE, NUM_CLASSES, load_split
 from .model import FLOW_CHECKPOINT, FlowModel, FlowModelConfig
 from ..rollout import sample
 from ..samplers import FlowSDE
@@ -85,7 +85,7 @@ def sample_accuracy(model, classifier, per_class: int = 100, num_steps: int = 10
     """Fraction of ``per_class`` x 10 ODE samples (Euler, ``num_steps``) classified as their prompt."""
     device = next(model.parameters()).device
     prompts = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_class)
-    images = sample(model, FlowSDE(num_steps, noise_level=0.0), prompts, noise=seed)
+    images = sample(model, FlowSDE(num_steps, noise_level=0.0), prompts, noise=seed, latent_shape=IMAGE_SHAPE)
     return (classifier(images.clamp(-1, 1)).argmax(-1) == prompts).float().mean().item()
 
 

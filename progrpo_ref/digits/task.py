@@ -56,8 +56,8 @@ class DigitsTask:
                 raise ValueError(f"{name}={v!r} must be an integer >= {lo}")
         for name in ("cluster_delta", "adv_eps"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name}={v!r} must be a finite number >= 0")
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}={v!r} must be a finite number > 0")
 
     def describe(self) -> dict:
         return {"name": "digits", **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
@@ -89,7 +89,8 @@ class DigitsTask:
     def evaluate(self, policy, sampler: Sampler) -> dict:
         dev = _device(policy)
         prompts = torch.arange(NUM_CLASSES, device=dev).repeat_interleave(self.eval_per_class)
-        images = sample(policy, sampler.deterministic(), prompts, TrajectoryNoise(self.eval_seed, stream="eval_ode"), self.latent_shape)
+        images = sample(policy, sampler.deterministic(), prompts, TrajectoryNoise(self.eval_seed, stream="eval_ode"),
+                        latent_shape=self.latent_shape)
         names = dict.fromkeys([self.reward_name, "margin", *self.eval_rewards])  # the margin gives the accuracy
         scores = {name: self.scorer(name, dev)(images, prompts) for name in names}
         out = {f"eval_{name}": r.mean().item() for name, r in scores.items()}

@@ -3,7 +3,27 @@
 ``base`` defines the seam (``Sampler``, ``SamplerStep``); ``flow_sde`` is Flow-GRPO's SDE sampler for
 rectified flows. The rollout, the objective and Expand-and-Prune take any ``Sampler``.
 """
+from dataclasses import asdict
+
 from .base import Sampler, SamplerStep
 from .flow_sde import FlowSDE, SDEStep, flow_sigmas, sde_step_with_logprob
 
-__all__ = ["Sampler", "SamplerStep", "FlowSDE", "SDEStep", "flow_sigmas", "sde_step_with_logprob"]
+FAMILIES = {"FlowSDE": FlowSDE}  # class name -> class, for configs read back from JSON
+
+
+def sampler_to_dict(sampler: Sampler) -> dict:
+    """``{"family": class name, **fields}``: JSON-able, for histories and checkpoints."""
+    return {"family": type(sampler).__name__, **asdict(sampler)}
+
+
+def sampler_from_dict(d: dict) -> Sampler:
+    """The inverse of ``sampler_to_dict``."""
+    d = dict(d)
+    family = d.pop("family", None)
+    if family not in FAMILIES:
+        raise ValueError(f"sampler family {family!r} is unknown; known: {sorted(FAMILIES)}")
+    return FAMILIES[family](**d)
+
+
+__all__ = ["Sampler", "SamplerStep", "FlowSDE", "SDEStep", "flow_sigmas", "sde_step_with_logprob",
+           "sampler_to_dict", "sampler_from_dict", "FAMILIES"]

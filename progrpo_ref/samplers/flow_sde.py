@@ -61,20 +61,33 @@ def sde_step_with_logprob(
     """Take (or, when ``prev_sample`` is given, score) one Flow-GRPO SDE step from x at sigma.
 
     velocity, sample: ``[B, C, H, W]``; sigma in (0, 1], sigma_next in [0, sigma): floats or ``[B]``.
-    The step's noise z is ``noise`` if given, else drawn from ``generator``.
+    The step's noise z is ``noise`` if given, else drawn from ``generator``. Checks its inputs;
+    ``FlowSDE.step`` skips the sigma checks (its schedule was checked once) to keep the hot path free
+    of device syncs.
     """
-    if not (isinstance(noise_level, (int, float)) and 0 <= noise_level < MAX_NOISE_LEVEL):
+    _check_level(noise_level)
+    check_pair(velocity, sample, "velocity")
+    s, s_next = per_sample(sigma, sample, "sigma"), per_sample(sigma_next, sample, "sigma_next")
+    bad = ~((s > 0) & (s <= 1))
+    if bad.any():
+        raise ValueError(f"sigma={_first(s, bad)} must lie in (0, 1]")
+    bad = ~((s_next >= 0) & (s_next < s))
+    if bad.any():
+        raise ValueError(f"sigma_next={_first(s_next, bad)} must lie in [0, sigma) with sigma={_first(s, bad)}")
+    return _step(velocity, sample, sigma, sigma_next, noise_level, prev_sample, generator, noise)
+
+
+def _check_level(noise_level) -> None:
+    if isinstance(noise_level, bool) or not (isinstance(noise_level, (int, float)) and 0 <= noise_level < MAX_NOISE_LEVEL):
         raise ValueError(f"noise_level={noise_level!r} must be in [0, sqrt(2)): at a >= sqrt(2) the first step's "
-                         f"mean coefficient 1 - a^2 / 2 is not positive")
+                         f"mean coefficient 1 - a^2 / 2 is not positive (Flow-GRPO uses 0.7)")
+
+
+def _step(velocity, sample, sigma, sigma_next, noise_level, prev_sample, generator, noise) -> SamplerStep:
+    """The step itself, for sigmas already known to be valid (``FlowSDE`` validates its schedule once)."""
     check_pair(velocity, sample, "velocity")
     v, x = velocity.float(), sample.float()
     sigma, sigma_next = per_sample(sigma, x, "sigma"), per_sample(sigma_next, x, "sigma_next")
-    bad = ~((sigma > 0) & (sigma <= 1))
-    if bad.any():
-        raise ValueError(f"sigma={_first(sigma, bad)} must lie in (0, 1]")
-    bad = ~((sigma_next >= 0) & (sigma_next < sigma))
-    if bad.any():
-        raise ValueError(f"sigma_next={_first(sigma_next, bad)} must lie in [0, sigma) with sigma={_first(sigma, bad)}")
     for name, t in (("prev_sample", prev_sample), ("noise", noise)):
         if t is not None:
             check_pair(t, x, name)
@@ -117,8 +130,7 @@ class FlowSDE(Sampler):
 
     def __post_init__(self):
         flow_sigmas(self.num_steps, self.shift)  # validates both
-        if not (isinstance(self.noise_level, (int, float)) and 0 <= self.noise_level < MAX_NOISE_LEVEL):
-            raise ValueError(f"noise_level={self.noise_level!r} must be in [0, sqrt(2)) (Flow-GRPO uses 0.7)")
+        _check_level(self.noise_level)
 
     @cached_property
     def sigmas(self) -> torch.Tensor:
@@ -136,8 +148,7 @@ class FlowSDE(Sampler):
 
     def step(self, out, x, i, noise=None, prev_sample=None, generator=None) -> SamplerStep:
         self.check_step(i)
-        return sde_step_with_logprob(out, x, self.sigmas[i], self.sigmas[i + 1], self.noise_level,
-                                     prev_sample=prev_sample, generator=generator, noise=noise)
+        return _step(out, x, self.sigmas[i], self.sigmas[i + 1], self.noise_level, prev_sample, generator, noise)
 
     def preview(self, out, x, i) -> torch.Tensor:
         """x0_hat = x - sigma_i v: where the ODE lands from here in one step (fp32)."""

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from ..digits.data import IMAGE_SHAPE
 from ..grpo import group_advantages, step_log_prob
 from ..pro_grpo import PruneSchedule, expand_and_prune, record_previews
 from ..rollout import rollout
@@ -18,7 +19,7 @@ from ..rollout import rollout
 @torch.no_grad()
 def group_rewards(model, sampler, reward_fn, prompts, group_size, seed=0) -> torch.Tensor:
     """Final rewards ``[P, G]`` of one fresh, unselected group per prompt ``[P]``."""
-    ro = rollout(model, sampler, prompts, group_size, seed)
+    ro = rollout(model, sampler, prompts, group_size, seed, latent_shape=IMAGE_SHAPE)
     return ro.final_rewards(reward_fn)
 
 
@@ -58,7 +59,7 @@ def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def proxy_fidelity(model, sampler, reward_fn, prompts, group_size, steps, seed=0) -> dict:
     """Mean and std over prompts of the within-group rank correlation between the preview reward at
     each step and the final reward: ``{step: (mean, std)}``. One unpruned rollout."""
-    ro, proxies = record_previews(model, sampler, prompts, group_size, reward_fn, steps, seed)
+    ro, proxies = record_previews(model, sampler, prompts, group_size, reward_fn, steps, seed, latent_shape=IMAGE_SHAPE)
     final = ro.final_rewards(reward_fn)
     out = {}
     for c, proxy in sorted(proxies.items()):
@@ -72,7 +73,7 @@ def selection_bias(model, sampler, reward_fn, prompts, schedule: PruneSchedule, 
     """Final rewards ``[P, K]`` of Expand-and-Prune survivors against an unselected group of the same
     final size K from the same policy (different noise), to see what the selection does to the
     distribution GRPO trains on."""
-    ro = expand_and_prune(model, sampler, prompts, schedule, reward_fn, seed)
+    ro = expand_and_prune(model, sampler, prompts, schedule, reward_fn, seed, latent_shape=IMAGE_SHAPE)
     survivors = ro.final_rewards(reward_fn)
     plain = group_rewards(model, sampler, reward_fn, prompts, schedule.final_size, seed + 10_000)
     return {"survivors": survivors, "unselected": plain}
@@ -127,13 +128,13 @@ def preview_images(model, sampler, prompts, steps, seed=0) -> dict:
         previews[c] = x0_hat[:, 0].clone()
         return None
 
-    ro = rollout(model, sampler, prompts, 1, seed, preview_steps=tuple(steps), on_preview=keep_preview)
+    ro = rollout(model, sampler, prompts, 1, seed, preview_steps=tuple(steps), on_preview=keep_preview, latent_shape=IMAGE_SHAPE)
     previews["final"] = ro.images[:, 0]
     return previews
 
 
 @torch.no_grad()
-def on_policy_log_ratio(model, sampler, prompts, group_size, seed=0, splits=3, latent_shape=(1, 8, 8)) -> dict:
+def on_policy_log_ratio(model, sampler, prompts, group_size, seed=0, splits=3, latent_shape=IMAGE_SHAPE) -> dict:
     """Flow-GRPO's debugging check: re-score a rollout's steps with unchanged parameters.
     Returns the largest |log r| with the rollout's batch composition and with ``splits`` mini-batches."""
     g = torch.Generator().manual_seed(seed)
@@ -155,7 +156,7 @@ def reward_report(model, sampler, names, prompts, group_size, seed=0) -> list[di
     from ..digits.data import load_split
     from ..digits.rewards import get_reward
 
-    ro = rollout(model, sampler, prompts, group_size, seed)
+    ro = rollout(model, sampler, prompts, group_size, seed, latent_shape=IMAGE_SHAPE)
     x, y = load_split("heldout")
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
     rows = []
