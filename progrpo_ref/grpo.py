@@ -118,6 +118,9 @@ def grpo_objective(
     total, policy_sum, kl_sum, clipped_sum, max_dev = zero, zero, zero, zero, zero  # summed on the device
     for t in steps:
         step = step_log_prob(policy, sampler, latents, prompts, t)
+        if step.log_prob is None:
+            raise ValueError(f"step {t} of {sampler!r} is deterministic and has no log-prob; train only on steps "
+                             f"< sampler.trainable_steps = {sampler.trainable_steps}")
         pg, clipped = clipped_policy_loss(step.log_prob, old_log_probs[:, t], advantages, clip_range)
         term = pg.sum()
         policy_sum = policy_sum + term.detach()

@@ -47,7 +47,7 @@ class Rollout:
 
     prompts: torch.Tensor  # [P, K] long
     latents: torch.Tensor  # [P, K, T + 1, C, H, W]: x_0 (noise) ... x_T (final sample)
-    log_probs: torch.Tensor | None  # [P, K, T] log pi_old(x_{t+1} | x_t, c); None for a deterministic sampler
+    log_probs: torch.Tensor | None  # [P, K, T] log pi_old(x_{t+1} | x_t, c); NaN at a deterministic step; None for a deterministic sampler
     nfe: int  # network evaluations measured for the whole rollout (all prompts)
     previews: list[dict] = field(default_factory=list)  # per prune step: {"step", "rewards" [P, g], "keep" [P, k]}
 
@@ -125,8 +125,8 @@ def rollout(
         step = sampler.step(out, x, i, noise=z[:, i + 1].to(device) if sampler.stochastic else None)
         x = step.prev_sample
         states.append(x)
-        if step.log_prob is not None:
-            log_probs.append(step.log_prob)
+        if sampler.stochastic:  # a deterministic step of a stochastic sampler (CPS's last) has no log-prob: NaN
+            log_probs.append(step.log_prob if step.log_prob is not None else torch.full((len(x),), float("nan"), device=device))
 
     return Rollout(
         prompts=c.view(P, g),

@@ -1,14 +1,16 @@
 """Samplers: one class per family, each owning its schedule, step, log-prob, preview and ODE mode.
 
 ``base`` defines the seam (``Sampler``, ``SamplerStep``); ``flow_sde`` is Flow-GRPO's SDE sampler for
-rectified flows. The rollout, the objective and Expand-and-Prune take any ``Sampler``.
+rectified flows; ``flow_cps`` its Coefficients-Preserving Sampler; ``ddim`` is DDPO's stochastic DDIM sampler for diffusion models. The rollout, the objective and Expand-and-Prune take any ``Sampler``.
 """
 from dataclasses import asdict
 
 from .base import Sampler, SamplerStep
+from .ddim import DDIM, ddim_step_with_logprob
+from .flow_cps import FlowCPS, cps_step_with_logprob
 from .flow_sde import FlowSDE, SDEStep, flow_sigmas, sde_step_with_logprob
 
-FAMILIES = {"FlowSDE": FlowSDE}  # class name -> class, for configs read back from JSON
+FAMILIES = {"FlowSDE": FlowSDE, "DDIM": DDIM, "FlowCPS": FlowCPS}  # class name -> class, for configs read back from JSON
 
 
 def sampler_to_dict(sampler: Sampler) -> dict:
@@ -25,5 +27,5 @@ def sampler_from_dict(d: dict) -> Sampler:
     return FAMILIES[family](**d)
 
 
-__all__ = ["Sampler", "SamplerStep", "FlowSDE", "SDEStep", "flow_sigmas", "sde_step_with_logprob",
+__all__ = ["Sampler", "SamplerStep", "FlowSDE", "DDIM", "ddim_step_with_logprob", "FlowCPS", "cps_step_with_logprob", "SDEStep", "flow_sigmas", "sde_step_with_logprob",
            "sampler_to_dict", "sampler_from_dict", "FAMILIES"]

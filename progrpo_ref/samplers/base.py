@@ -10,15 +10,18 @@ A sampler owns its schedule of T steps and, for step i (0 <= i < T, noise -> cle
   ``step(out, x, i, prev_sample=y)`` scores a stored y instead (re-scoring for the objective);
 - ``preview(out, x, i)``: the one-step clean estimate x0_hat that Expand-and-Prune scores (no extra
   network call: it reuses the step's model output);
-- ``deterministic()``: the same schedule without noise (the ODE here; DDIM eta = 0 later), for
+- ``trainable_steps``: how many leading steps have a log-prob (T, or T - 1 for CPS, whose last step
+  to sigma = 0 is deterministic); in a stochastic rollout a deterministic step's log-prob is stored as NaN;
+- ``deterministic()``: the same schedule without noise (the Euler ODE for flows, DDIM eta = 0 for diffusion), for
   evaluation. Its steps have no log-probability (``log_prob`` is ``None``); it cannot be trained on.
 
 ``out`` is the network's output at (x_i, model_time(i)): a velocity for flows, a noise or v
 prediction for diffusion. Shapes: x, out, z ``[B, C, H, W]``; log_prob ``[B]``; std ``[B, 1, 1, 1]``.
-Adding a sampler means adding one class here; rollout, grpo and pro_grpo do not change.
+Adding a sampler means adding one class in this folder (registered in ``FAMILIES``); rollout, grpo and pro_grpo do not change.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -39,6 +42,12 @@ class Sampler:
     @property
     def stochastic(self) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
+
+    @property
+    def trainable_steps(self) -> int:
+        """How many leading steps have a log-probability (all T for a stochastic sampler unless its
+        last step is deterministic, as CPS's is); a trainer may train only on steps below this."""
+        return self.num_steps if self.stochastic else 0
 
     def model_time(self, i: int) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -73,3 +82,22 @@ def per_sample(s: torch.Tensor | float, like: torch.Tensor, name: str) -> torch.
     if s.dim() > 1 or (s.dim() == 1 and len(s) not in (1, B)):
         raise ValueError(f"{name} has shape {tuple(s.shape)}; expected a float or [B] with B = {B}")
     return s.reshape(-1, *ones).expand(B, *ones)
+
+
+def gaussian_step(mean: torch.Tensor, std: torch.Tensor, prev_sample: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> SamplerStep:
+    """The Gaussian policy step every sampler ends with, in fp32: x' = mu + s z (z = ``noise``, else drawn
+    from ``generator``) unless ``prev_sample`` is given, and
+
+        log pi(x' | x) = mean over C, H, W of  -(x' - mu)^2 / (2 s^2) - log s - log sqrt(2 pi)
+
+    mean ``[B, C, H, W]``, std ``[B, 1, 1, 1]`` > 0. The gradient flows through mu (and s), not x'."""
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32,
+                                device=generator.device if generator is not None else mean.device)
+        prev_sample = mean + std * noise.to(device=mean.device, dtype=torch.float32)
+    prev_sample = prev_sample.float()
+    log_prob = -((prev_sample.detach() - mean) ** 2) / (2.0 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    return SamplerStep(prev_sample, log_prob.mean(dim=tuple(range(1, mean.dim()))), mean, std)
+

@@ -31,7 +31,7 @@ from functools import cached_property
 
 import torch
 
-from .base import Sampler, SamplerStep, check_pair, per_sample
+from .base import Sampler, SamplerStep, check_pair, gaussian_step, per_sample
 
 SDEStep = SamplerStep  # the name this step's result had before samplers shared one type
 MAX_NOISE_LEVEL = math.sqrt(2.0)
@@ -101,15 +101,7 @@ def _step(velocity, sample, sigma, sigma_next, noise_level, prev_sample, generat
     g = noise_level * torch.sqrt(sigma / (1.0 - s))
     mean = x + dt * (v + g**2 / (2.0 * sigma) * (x + (1.0 - sigma) * v))
     std = g * torch.sqrt(-dt)
-
-    if prev_sample is None:
-        if noise is None:
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
-                                device=generator.device if generator is not None else x.device)
-        prev_sample = mean + std * noise.to(device=x.device, dtype=torch.float32)
-    prev_sample = prev_sample.float()
-    log_prob = -((prev_sample.detach() - mean) ** 2) / (2.0 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
-    return SamplerStep(prev_sample, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, std)
+    return gaussian_step(mean, std, prev_sample, generator, noise)
 
 
 def _first(t: torch.Tensor, bad: torch.Tensor) -> str:
@@ -117,8 +109,37 @@ def _first(t: torch.Tensor, bad: torch.Tensor) -> str:
     return f"{t[bad].flatten()[0].item():.6g}"
 
 
+class FlowSchedule:
+    """What the flow samplers share (``FlowSDE``, ``FlowCPS``): the sigma schedule of ``num_steps`` and
+    ``shift``, sigma_i as the model time, and the preview x0_hat = x - sigma_i v. A mixin for frozen
+    dataclasses with those two fields."""
+
+    num_steps: int
+    shift: float
+
+    @cached_property
+    def sigmas(self) -> torch.Tensor:
+        """sigma_0 = 1 > sigma_1 > ... > sigma_T = 0, ``[T + 1]`` fp32 (``flow_sigmas``)."""
+        return flow_sigmas(self.num_steps, self.shift)
+
+    def model_time(self, i: int) -> torch.Tensor:
+        """sigma_i: the model maps it to its network's timestep (sigma x 1000 for SD3)."""
+        self.check_step(i)
+        return self.sigmas[i]
+
+    def preview(self, out, x, i) -> torch.Tensor:
+        """x0_hat = x - sigma_i v: where the ODE lands from here in one step (fp32)."""
+        self.check_step(i)
+        check_pair(out, x, "velocity")
+        return x.float() - self.sigmas[i] * out.float()
+
+    def deterministic(self):
+        """The Euler ODE on the same schedule (noise level 0)."""
+        return replace(self, noise_level=0.0)
+
+
 @dataclass(frozen=True)
-class FlowSDE(Sampler):
+class FlowSDE(FlowSchedule, Sampler):
     """Flow-GRPO's SDE sampler on a ``num_steps`` schedule; ``noise_level = 0`` is the Euler ODE."""
 
     num_steps: int = 10
@@ -132,29 +153,10 @@ class FlowSDE(Sampler):
         flow_sigmas(self.num_steps, self.shift)  # validates both
         _check_level(self.noise_level)
 
-    @cached_property
-    def sigmas(self) -> torch.Tensor:
-        """sigma_0 = 1 > sigma_1 > ... > sigma_T = 0, ``[T + 1]`` fp32."""
-        return flow_sigmas(self.num_steps, self.shift)
-
     @property
     def stochastic(self) -> bool:
         return self.noise_level > 0
 
-    def model_time(self, i: int) -> torch.Tensor:
-        """sigma_i: the model maps it to its network's timestep (sigma x 1000 for SD3)."""
-        self.check_step(i)
-        return self.sigmas[i]
-
     def step(self, out, x, i, noise=None, prev_sample=None, generator=None) -> SamplerStep:
         self.check_step(i)
         return _step(out, x, self.sigmas[i], self.sigmas[i + 1], self.noise_level, prev_sample, generator, noise)
-
-    def preview(self, out, x, i) -> torch.Tensor:
-        """x0_hat = x - sigma_i v: where the ODE lands from here in one step (fp32)."""
-        self.check_step(i)
-        check_pair(out, x, "velocity")
-        return x.float() - self.sigmas[i] * out.float()
-
-    def deterministic(self) -> "FlowSDE":
-        return replace(self, noise_level=0.0)

@@ -141,7 +141,7 @@ def on_policy_log_ratio(model, sampler, prompts, group_size, seed=0, splits=3, l
     ro = rollout(model, sampler, prompts, group_size, seed, latent_shape=latent_shape)
     lat, c, old = ro.latents.flatten(0, 1), ro.prompts.flatten(), ro.log_probs.flatten(0, 1)
     same, split = 0.0, 0.0
-    for t in range(sampler.num_steps):
+    for t in range(sampler.trainable_steps):  # CPS's last step has no log-prob
         same = max(same, (step_log_prob(model, sampler, lat, c, t).log_prob - old[:, t]).abs().max().item())
         for mb in torch.randperm(len(c), generator=g).chunk(splits):
             split = max(split, (step_log_prob(model, sampler, lat[mb], c[mb], t).log_prob - old[mb, t]).abs().max().item())

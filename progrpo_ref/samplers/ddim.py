@@ -1,0 +1,196 @@
+r"""DDPO's DDIM sampler for diffusion models: one stochastic DDIM step with its exact Gaussian log-prob.
+
+A diffusion model is trained on x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, where
+alpha_bar_t = prod_{s <= t} (1 - beta_s) falls from nearly 1 (t = 0, clean) to nearly 0 (t = N - 1,
+noise). Sampling walks a subsequence of timesteps t > t' (t' = next, less noisy). From the model's
+noise estimate eps_hat at (x_t, t, c) and the noise scale eta:
+
+    x0_hat  = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t)          (the preview; not clipped)
+    s_t     = eta * sqrt((1 - alpha_bar_t') / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_t')
+    mu      = sqrt(alpha_bar_t') x0_hat + sqrt(1 - alpha_bar_t' - s_t^2) eps_hat
+    x_t'    = mu + s_t z,  z ~ N(0, I)
+    log pi  = mean over C, H, W of  -(x_t' - mu)^2 / (2 s_t^2) - log s_t - log sqrt(2 pi)
+
+eta = 1 is DDPM's posterior variance (DDPO's setting), eta = 0 the deterministic DDIM step (no
+log-prob). eta must lie in [0, 1]: above 1, 1 - alpha_bar_t' - s_t^2 can turn negative. A
+v-prediction model's output v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 is turned into
+eps_hat = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t first.
+
+The schedule is what diffusers' ``DDIMScheduler(clip_sample=False, set_alpha_to_one=False,
+timestep_spacing="trailing")`` walks (tested against it): timesteps t_i = round(N - i N / T) - 1 for
+i = 0 .. T-1, step i going from t_i to t_{i+1}, and the last one to alpha_bar_0 = 1 - beta_0 (not to 1,
+which would make the last step deterministic). When T does not divide N, diffusers steps to
+t_i - N // T, which is not the timestep it evaluates next; we step to t_{i+1}, so the two agree
+exactly when T divides N (20 of 1000, 50 of 1000). Its defaults would clip x0_hat to [-1, 1] and end
+on a zero-variance step; neither reaches training here. The betas are computed in torch exactly as
+diffusers does for "linear" and "scaled_linear" (Stable Diffusion's), so the method does not need
+diffusers; ``DDIM.from_scheduler_config`` reads them from a diffusers scheduler's config dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import torch
+
+from .base import Sampler, SamplerStep, check_pair, gaussian_step, per_sample
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear")
+
+
+def ddim_step_with_logprob(
+    noise_pred: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_bar: torch.Tensor | float,
+    alpha_bar_next: torch.Tensor | float,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> SamplerStep:
+    """Take (or, when ``prev_sample`` is given, score) one DDIM step from x_t (module docstring).
+
+    noise_pred (eps_hat), sample (x_t): ``[B, C, H, W]``; alpha_bar (at t) and alpha_bar_next (at t',
+    the less noisy step): floats or ``[B]`` with 0 < alpha_bar < alpha_bar_next <= 1. The step's noise
+    z is ``noise`` if given, else drawn from ``generator``. All the math in fp32.
+    """
+    _check_eta(eta)
+    check_pair(noise_pred, sample, "noise_pred")
+    a, a_next = per_sample(alpha_bar, sample, "alpha_bar"), per_sample(alpha_bar_next, sample, "alpha_bar_next")
+    for name, v in (("alpha_bar", a), ("alpha_bar_next", a_next)):
+        bad = ~((v > 0) & (v <= 1))
+        if bad.any():
+            raise ValueError(f"{name}={v[bad].flatten()[0].item():.6g} must lie in (0, 1]")
+    bad = ~(a_next > a)
+    if bad.any():
+        raise ValueError(f"alpha_bar_next={a_next[bad].flatten()[0].item():.6g} must be larger than alpha_bar="
+                         f"{a[bad].flatten()[0].item():.6g}: alpha_bar increases toward the clean end")
+    return _step(noise_pred, sample, alpha_bar, alpha_bar_next, eta, prev_sample, generator, noise)
+
+
+def _check_eta(eta) -> None:
+    if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
+        raise ValueError(f"eta={eta!r} must be in [0, 1] (1 is DDPM's variance, DDPO's setting; 0 deterministic DDIM)")
+
+
+def _step(eps, sample, alpha_bar, alpha_bar_next, eta, prev_sample, generator, noise) -> SamplerStep:
+    """The step for alpha_bars already known to be valid (``DDIM`` validates its schedule once)."""
+    check_pair(eps, sample, "noise_pred")
+    eps, x = eps.float(), sample.float()
+    a, a_next = per_sample(alpha_bar, x, "alpha_bar"), per_sample(alpha_bar_next, x, "alpha_bar_next")
+    for name, t in (("prev_sample", prev_sample), ("noise", noise)):
+        if t is not None:
+            check_pair(t, x, name)
+    x0_hat = (x - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
+    std = eta * torch.sqrt((1 - a_next) / (1 - a)) * torch.sqrt(1 - a / a_next)
+    mean = torch.sqrt(a_next) * x0_hat + torch.sqrt((1 - a_next - std**2).clamp_min(0)) * eps
+
+    if eta == 0:  # deterministic DDIM
+        return SamplerStep(mean if prev_sample is None else prev_sample.float(), None, mean, std)
+    return gaussian_step(mean, std, prev_sample, generator, noise)
+
+
+def betas_for(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str) -> torch.Tensor:
+    """beta_0 .. beta_{N-1} ``[N]`` fp32, as diffusers' schedulers compute them."""
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":  # Stable Diffusion
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    raise ValueError(f"beta_schedule={beta_schedule!r} must be one of {BETA_SCHEDULES}")
+
+
+@dataclass(frozen=True)
+class DDIM(Sampler):
+    """DDPO's stochastic DDIM sampler on T trailing timesteps of an N-step training schedule."""
+
+    num_steps: int = 20
+    """T: sampling steps"""
+    eta: float = 1.0
+    """noise scale: 1 is DDPM's posterior variance (DDPO), 0 deterministic DDIM"""
+    num_train_timesteps: int = 1000
+    """N: timesteps of the training schedule"""
+    beta_start: float = 1e-4
+    """first beta of the training schedule"""
+    beta_end: float = 0.02
+    """last beta of the training schedule"""
+    beta_schedule: str = "linear"
+    """"linear" (DDPM) or "scaled_linear" (Stable Diffusion)"""
+    prediction_type: str = "epsilon"
+    """what the network predicts: "epsilon" (the noise) or "v_prediction" """
+
+    def __post_init__(self):
+        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps={self.num_train_timesteps!r} must be an integer >= 2")
+        if not isinstance(self.num_steps, int) or not 1 <= self.num_steps <= self.num_train_timesteps:
+            raise ValueError(f"num_steps={self.num_steps!r} must be an integer in [1, {self.num_train_timesteps}]")
+        if not (0 < self.beta_start <= self.beta_end < 1):
+            raise ValueError(f"beta_start={self.beta_start!r}, beta_end={self.beta_end!r} must satisfy 0 < start <= end < 1")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={self.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
+        _check_eta(self.eta)
+        betas_for(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)  # validates the name
+        ab = self.alpha_bars
+        if not bool((ab[1:] > ab[:-1]).all()):
+            raise ValueError(f"num_steps={self.num_steps} leaves a step whose alpha_bar does not increase "
+                             f"(the last timestep is already 0); use fewer steps")
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict, num_steps: int = 20, eta: float = 1.0) -> "DDIM":
+        """From a diffusers scheduler's ``config`` (DDPM, DDIM, PNDM ...): its betas and prediction type."""
+        keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+        if config.get("trained_betas") is not None:
+            raise ValueError("schedulers with explicit trained_betas are not supported")
+        return cls(num_steps=num_steps, eta=eta, **{k: config[k] for k in keys if k in config})
+
+    @cached_property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha_bar_t for t = 0 .. N - 1 ``[N]``, fp32 (diffusers' ``alphas_cumprod``)."""
+        return torch.cumprod(1.0 - betas_for(self.num_train_timesteps, self.beta_start, self.beta_end,
+                                             self.beta_schedule), dim=0)
+
+    @cached_property
+    def timesteps(self) -> torch.Tensor:
+        """The T sampling timesteps, noisy first ``[T]`` long ("trailing" spacing: N-1 is the first)."""
+        N, T = self.num_train_timesteps, self.num_steps
+        return torch.tensor([round(N - i * N / T) - 1 for i in range(T)], dtype=torch.long)
+
+    @cached_property
+    def alpha_bars(self) -> torch.Tensor:
+        """alpha_bar at each sampling timestep, then after the last step ``[T + 1]``: increasing, ending
+        at alpha_bar_0 = 1 - beta_0. Step i goes from alpha_bars[i] to alpha_bars[i + 1]."""
+        ac = self.alphas_cumprod
+        return torch.cat([ac[self.timesteps], ac[:1]])
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
+
+    def model_time(self, i: int) -> torch.Tensor:
+        """The integer timestep t_i the network is conditioned on."""
+        self.check_step(i)
+        return self.timesteps[i]
+
+    def eps_and_x0(self, out: torch.Tensor, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_hat, x0_hat) from the network output at step i, fp32."""
+        check_pair(out, x, "model output")
+        a = self.alpha_bars[i]
+        out, x = out.float(), x.float()
+        if self.prediction_type == "epsilon":
+            eps = out
+        else:  # v = sqrt(a) eps - sqrt(1 - a) x0  =>  eps = sqrt(a) v + sqrt(1 - a) x
+            eps = a.sqrt() * out + (1 - a).sqrt() * x
+        return eps, (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def step(self, out, x, i, noise=None, prev_sample=None, generator=None) -> SamplerStep:
+        self.check_step(i)
+        eps, _ = self.eps_and_x0(out, x, i)
+        return _step(eps, x, self.alpha_bars[i], self.alpha_bars[i + 1], self.eta, prev_sample, generator, noise)
+
+    def preview(self, out, x, i) -> torch.Tensor:
+        """x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t), not clipped (fp32)."""
+        self.check_step(i)
+        return self.eps_and_x0(out, x, i)[1]
+
+    def deterministic(self) -> "DDIM":
+        return replace(self, eta=0.0)
