@@ -27,7 +27,7 @@ test: venv
 
 # Re-execute every notebook in order, in place, in the full profile (they rewrite figures/ and their part of
 # figures/results.json), then the benchmark (figures/bench_cpu.{md,json}, figures/bench_scaling.png), then
-# regenerate the README's result sections from those files. About 30 minutes on 2 cores.
+# regenerate the README's result sections from those files. About 45 minutes on 2 cores.
 reproduce: venv
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \
@@ -45,7 +45,7 @@ lab: venv
 bench: venv
 	$(PY) -m progrpo_ref.study.bench --json figures/bench_cpu.json --markdown figures/bench_cpu.md --scaling figures/bench_scaling.png
 
-# Regenerate the committed checkpoints (classifiers + flow model), about 2 minutes on 2 cores.
+# Regenerate the committed checkpoints (classifiers, flow model, diffusion model), about 5 minutes on 2 cores.
 pretrain: venv
 	$(PY) -m progrpo_ref.digits.pretrain
 

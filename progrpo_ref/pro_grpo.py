@@ -70,6 +70,9 @@ PRESETS = {
     "flow_grpo": PruneSchedule((24,), (), 10),  # the baseline: one group of 24, nothing pruned
     "standard": PruneSchedule((48, 24, 12), (5, 7), 10),  # Pro-GRPO Standard (SD3.5-M setting)
     "flash": PruneSchedule((24, 16, 12), (5, 7), 10),  # Flash: no expansion; the paper gives no steps, we use (5, 7)
+    # the paper's SD-v1.4 setting (T = 50, prunes at 30 and 40) scaled to T = 20: prunes at 12 and 16
+    "dance_grpo": PruneSchedule((16,), (), 20),  # DanceGRPO's group of 16: 320 NFE per prompt
+    "standard_sd14": PruneSchedule((48, 32, 8), (12, 16), 20),  # 48 * 12 + 32 * 4 + 8 * 4 = 736
 }
 
 

@@ -8,6 +8,11 @@
     split, top   G = 24                             the 6 lowest + 6 highest / the 12 highest
     standard     48 -> 24 -> 12 pruned at (5, 7)    the 12 survivors (Pro-GRPO Standard)
     flash        24 -> 16 -> 12 pruned at (5, 7)    the 12 survivors (Pro-GRPO Flash)
+    dance_grpo   G = 16, DDIM T = 20                all 16 (the diffusion baseline, SD-v1.4's shape)
+    standard_sd14  48 -> 32 -> 8 at (12, 16), DDIM  the 8 survivors (Pro-GRPO on SD-v1.4, T = 50 -> 20)
+
+The flow arms sample with ``FlowSDE``; the two diffusion arms with ``DDIM(20, eta=1)`` (DDPO's sampler)
+on the default DDPM schedule, the one the digits' diffusion model was trained on.
 
 Per update (``collect`` then ``optimise``): P prompts from the task, a rollout (``rollout`` or
 ``expand_and_prune``) with the config's sampler, final rewards, an optional static selection
@@ -33,7 +38,7 @@ from .noise import TrajectoryNoise, per_update_generator
 from .ovf import STRATEGIES, select_subset
 from .pro_grpo import PRESETS, PruneSchedule, expand_and_prune
 from .rollout import NFECounter, Rollout, rollout
-from .samplers import FlowSDE, Sampler, sampler_from_dict, sampler_to_dict
+from .samplers import DDIM, FlowSDE, Sampler, sampler_from_dict, sampler_to_dict
 from .task import check_task
 
 TIMING_KEYS = ("sampling_s", "optimisation_s", "eval_s")
@@ -170,6 +175,9 @@ def _validate(c: TrainConfig) -> None:
     need(c.num_minibatches <= trained,
          f"num_minibatches={c.num_minibatches} must be <= the {trained} trajectories trained on per update")
     number("train_steps_fraction", 0, 1)
+    need(c.trained_steps <= c.sampler.trainable_steps,
+         f"train_steps_fraction={c.train_steps_fraction} trains on {c.trained_steps} steps but only the first "
+         f"{c.sampler.trainable_steps} of {c.sampler!r} have a log-prob (e.g. 0.9 trains 9 of 10)")
     number("max_grad_norm", 0, math.inf)
     integer("eval_every", 1)
     number("cluster_delta", 0, math.inf)
@@ -194,6 +202,8 @@ ARMS = {
     "top": dict(schedule=PRESETS["flow_grpo"], selection="top", select_k=12),
     "standard": dict(schedule=PRESETS["standard"]),
     "flash": dict(schedule=PRESETS["flash"]),
+    "dance_grpo": dict(schedule=PRESETS["dance_grpo"], sampler=DDIM(20, eta=1.0)),
+    "standard_sd14": dict(schedule=PRESETS["standard_sd14"], sampler=DDIM(20, eta=1.0)),
 }
 
 

@@ -14,18 +14,22 @@ TINY = dict(num_updates=2, prompts_per_update=2, eval_every=2, progress=False)
 TASK = DigitsTask(eval_per_class=2, eval_group=4)
 
 
+DIFFUSION_TASK = DigitsTask(model="diffusion", eval_per_class=2, eval_group=4)
+
+
 @pytest.mark.parametrize("arm", sorted(ARMS))
 def test_every_arm_trains(arm):
-    h = train(arm_config(arm, **TINY), TASK)
     cfg = arm_config(arm)
+    task, base = (DIFFUSION_TASK, "dance_grpo") if cfg.sampler.__class__.__name__ == "DDIM" else (TASK, "g12")
+    h = train(arm_config(arm, **TINY), task)
     for row in h["updates"]:
         assert row["nfe_per_prompt"] == cfg.schedule.nfe()
         assert row["trained_per_prompt"] == cfg.trained_group_size
         assert 0 <= row["cluster_frac"] <= 1 and row["ratio_dev_first"] < 1e-5
     assert [e["update"] for e in h["evals"]] == [0, 2]
-    assert h["task"] == TASK.describe() and h["config"]["arm"] == arm
+    assert h["task"] == task.describe() and h["config"]["arm"] == arm
     json.dumps(h)  # the history is plain JSON
-    assert h["evals"][0]["eval_margin"] == pytest.approx(train(arm_config("g12", **{**TINY, "num_updates": 0}), TASK)["evals"][0]["eval_margin"])
+    assert h["evals"][0]["eval_margin"] == pytest.approx(train(arm_config(base, **{**TINY, "num_updates": 0}), task)["evals"][0]["eval_margin"])
 
 
 def test_resume_reproduces_the_history(tmp_path):
@@ -145,7 +149,9 @@ def test_config_round_trips_through_json():
     assert d["schedule"] == {"group_sizes": [48, 24, 12], "prune_steps": [5, 7], "num_steps": 10}
     assert d["sampler"] == {"family": "FlowSDE", "num_steps": 10, "noise_level": 0.7, "shift": 1.0}
     assert TrainConfig(**d) == c  # rebuilt from JSON: schedule and sampler included
-    with pytest.raises(ValueError, match="sampler family 'DDIM' is unknown"):
-        TrainConfig(**{**d, "sampler": {"family": "DDIM", "num_steps": 10}})
+    with pytest.raises(ValueError, match="sampler family 'DPMSolver' is unknown"):
+        TrainConfig(**{**d, "sampler": {"family": "DPMSolver", "num_steps": 10}})
+    ddim = arm_config("standard_sd14").to_dict()
+    assert ddim["sampler"]["family"] == "DDIM" and TrainConfig(**json.loads(json.dumps(ddim))) == arm_config("standard_sd14")
     p = arm_config("flow_grpo", device=torch.device("cpu"), checkpoint_path=Path("/tmp/x.safetensors"))
     assert p.device == "cpu" and p.checkpoint_path == "/tmp/x.safetensors" and json.dumps(p.to_dict())

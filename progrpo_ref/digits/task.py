@@ -1,7 +1,9 @@
-"""The digits task: the method's ``Task`` for the small class-conditional flow model on 8x8 digits.
+"""The digits task: the method's ``Task`` for the small class-conditional models on 8x8 digits.
 
-Prompts are digit classes 0-9 (drawn uniformly); the policy is the committed pretrained flow model
-and the KL reference a frozen copy of it; the training reward is one of ``rewards.REWARDS`` (the
+Prompts are digit classes 0-9 (drawn uniformly); the policy is a committed pretrained model, the flow
+model (``model="flow"``, sampled by ``FlowSDE`` or ``FlowCPS``) or the diffusion model
+(``model="diffusion"``, sampled by ``DDIM`` on its own training schedule), and the KL reference a
+frozen copy of it; the training reward is one of ``rewards.REWARDS`` (the
 logit margin by default). The evaluation never sees a selection step: ``eval_per_class``
 fixed-seed samples of the sampler's deterministic (ODE) mode per digit, scored with the training
 reward, the margin (whose sign gives the accuracy) and ``eval_rewards``; and one fresh, unselected
@@ -18,7 +20,7 @@ import torch
 from ..grpo import group_advantages
 from ..noise import TrajectoryNoise
 from ..rollout import rollout, sample
-from ..samplers import Sampler
+from ..samplers import DDIM, FlowCPS, FlowSDE, Sampler
 from .data import IMAGE_SHAPE, NUM_CLASSES
 from .rewards import REWARDS, get_reward
 
@@ -27,6 +29,8 @@ from .rewards import REWARDS, get_reward
 class DigitsTask:
     """Digits 0-9 as prompts, the tiny SD3 flow model as policy, classifier rewards."""
 
+    model: str = "flow"
+    """the pretrained policy: "flow" (tiny SD3 transformer) or "diffusion" (small UNet, DDPM)"""
     reward_name: str = "margin"
     """the training reward (also scores previews); one of rewards.REWARDS"""
     eval_per_class: int = 4
@@ -46,6 +50,8 @@ class DigitsTask:
     latent_shape = IMAGE_SHAPE  # [1, 8, 8]
 
     def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r} must be one of {sorted(MODELS)}")
         self.eval_rewards = tuple(self.eval_rewards)
         for name in (self.reward_name, *self.eval_rewards):
             if name not in REWARDS:
@@ -66,15 +72,24 @@ class DigitsTask:
         return torch.randint(NUM_CLASSES, (n,), generator=generator)
 
     def policy(self, device="cpu") -> torch.nn.Module:
-        from .model import load_flow_model
-
-        return load_flow_model(device=device)
+        return MODELS[self.model]()(device=device)
 
     def reference(self, policy, device="cpu"):
         """A frozen copy of the pretrained model (not of ``policy``, which may already be trained)."""
-        from .model import load_flow_model
+        return MODELS[self.model]()(device=device).requires_grad_(False)
 
-        return load_flow_model(device=device).requires_grad_(False)
+    def check_sampler(self, sampler: Sampler) -> None:
+        """Refuse a sampler that does not fit the model: the flow model needs a flow sampler, the
+        diffusion model the DDIM sampler of its own training schedule."""
+        if self.model == "flow" and not isinstance(sampler, (FlowSDE, FlowCPS)):
+            raise ValueError(f"the flow model needs FlowSDE or FlowCPS, got {sampler!r}")
+        if self.model == "diffusion":
+            from .diffusion_model import DiffusionModelConfig
+
+            want = DDIM.from_scheduler_config(DiffusionModelConfig().scheduler_config(), sampler.num_steps)
+            if not isinstance(sampler, DDIM) or any(getattr(sampler, k) != getattr(want, k) for k in SCHEDULE_KEYS):
+                raise ValueError(f"the diffusion model needs DDIM on its training schedule "
+                                 f"({', '.join(f'{k}={getattr(want, k)!r}' for k in SCHEDULE_KEYS)}), got {sampler!r}")
 
     def scorer(self, name: str, device) -> callable:
         key = (name, str(device))
@@ -87,6 +102,7 @@ class DigitsTask:
 
     @torch.no_grad()
     def evaluate(self, policy, sampler: Sampler) -> dict:
+        self.check_sampler(sampler)
         dev = _device(policy)
         prompts = torch.arange(NUM_CLASSES, device=dev).repeat_interleave(self.eval_per_class)
         images = sample(policy, sampler.deterministic(), prompts, TrajectoryNoise(self.eval_seed, stream="eval_ode"),
@@ -106,6 +122,22 @@ class DigitsTask:
         out["fresh_reward_std"] = R.std(1, unbiased=False).mean().item()
         out["fresh_cluster_frac"] = (A.abs() <= self.cluster_delta).float().mean().item()
         return out
+
+
+def _load_flow():
+    from .model import load_flow_model
+
+    return load_flow_model
+
+
+def _load_diffusion():
+    from .diffusion_model import load_diffusion_model
+
+    return load_diffusion_model
+
+
+MODELS = {"flow": _load_flow, "diffusion": _load_diffusion}  # name -> () -> loader(device=...)
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
 
 
 def _device(model) -> torch.device:

@@ -41,8 +41,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- building the pieces for a device
-def build(device: str, bf16: bool, sd35: bool, sd35_layers: int | None = None):
-    """(task, policy) for the digits task or an SD3.5-Medium-size random model (``SD3Task``)."""
+def build(device: str, bf16: bool, sd35: bool, sd35_layers: int | None = None, model: str = "flow"):
+    """(task, policy) for the digits task (``model``: its flow or diffusion model) or an
+    SD3.5-Medium-size random model (``SD3Task``)."""
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -53,9 +54,17 @@ def build(device: str, bf16: bool, sd35: bool, sd35_layers: int | None = None):
         return task, task.policy(device)
     from ..digits import DigitsTask
 
-    task = DigitsTask()
-    model = task.policy(device)
-    return task, (_Autocast(model, torch.bfloat16) if bf16 else model)
+    task = DigitsTask(model=model)
+    policy = task.policy(device)
+    return task, (_Autocast(policy, torch.bfloat16) if bf16 else policy)
+
+
+def model_of(arm: str) -> str:
+    """Which digits model an arm samples: "diffusion" for the DDIM arms, else "flow"."""
+    from ..samplers import DDIM
+    from ..trainer import ARMS
+
+    return "diffusion" if isinstance(ARMS[arm].get("sampler"), DDIM) else "flow"
 
 
 class _Autocast(torch.nn.Module):
@@ -65,9 +74,9 @@ class _Autocast(torch.nn.Module):
         super().__init__()
         self.model, self.dtype = model, dtype
 
-    def forward(self, x, sigma, prompts):
+    def forward(self, x, t, prompts):
         with torch.autocast(x.device.type, dtype=self.dtype):
-            return self.model(x, sigma, prompts).float()
+            return self.model(x, t, prompts).float()
 
 
 def _sync(device):
@@ -103,7 +112,7 @@ def run_epoch(arm, device, bf16, sd35, sd35_layers, prompts, updates, warmup, se
     from ..rollout import NFECounter
     from ..trainer import arm_config, collect, optimise
 
-    task, model = build(device, bf16, sd35, sd35_layers)
+    task, model = build(device, bf16, sd35, sd35_layers, model_of(arm))
     cfg = arm_config(arm, prompts_per_update=prompts, device=device, seed=seed, progress=False)
     counter, reward = NFECounter(model), _CountingTask(task)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -143,7 +152,7 @@ def run_interleaved(arms, device, bf16, sd35, sd35_layers, prompts, rounds, seed
 
     state = {}
     for arm in arms:
-        task, model = build(device, bf16, sd35, sd35_layers)
+        task, model = build(device, bf16, sd35, sd35_layers, model_of(arm))
         cfg = arm_config(arm, prompts_per_update=prompts, device=device, seed=seed, progress=False)
         state[arm] = (model, task, cfg, torch.optim.Adam(model.parameters(), lr=cfg.lr))
     times = {arm: {"sampling_s": [], "optimisation_s": []} for arm in arms}

@@ -35,3 +35,13 @@ def run_many(configs: dict, task, workers: int | None = None, threads_per_worker
         for f in tqdm(as_completed(futures), total=len(futures), desc=desc):
             out[futures[f]] = f.result()
     return {k: out[k] for k in configs}
+
+
+def trained_policy(task, checkpoint_path, device: str = "cpu"):
+    """The task's policy with the weights a run saved at ``checkpoint_path`` (``TrainConfig.checkpoint_path``),
+    for analyses of a trained policy without training it again."""
+    from ..checkpoint import load_training_checkpoint
+
+    model = task.policy(device)
+    model.load_state_dict(load_training_checkpoint(checkpoint_path)["model"])
+    return model.eval()
