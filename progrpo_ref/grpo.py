@@ -108,6 +108,9 @@ def grpo_objective(
     steps = list(steps)
     if not steps or any(not 0 <= t < old_log_probs.shape[1] for t in steps):
         raise ValueError(f"steps={steps} must be a non-empty subset of 0..{old_log_probs.shape[1] - 1}")
+    if max(steps) >= sampler.trainable_steps:
+        raise ValueError(f"steps={steps} include a step of {sampler!r} that is deterministic and has no log-prob; "
+                         f"train only on steps < sampler.trainable_steps = {sampler.trainable_steps}")
     if beta > 0 and reference is None:
         raise ValueError(f"beta={beta} > 0 needs a reference policy")
     count = count if count is not None else B * len(steps)
@@ -118,9 +121,6 @@ def grpo_objective(
     total, policy_sum, kl_sum, clipped_sum, max_dev = zero, zero, zero, zero, zero  # summed on the device
     for t in steps:
         step = step_log_prob(policy, sampler, latents, prompts, t)
-        if step.log_prob is None:
-            raise ValueError(f"step {t} of {sampler!r} is deterministic and has no log-prob; train only on steps "
-                             f"< sampler.trainable_steps = {sampler.trainable_steps}")
         pg, clipped = clipped_policy_loss(step.log_prob, old_log_probs[:, t], advantages, clip_range)
         term = pg.sum()
         policy_sum = policy_sum + term.detach()
@@ -136,6 +136,9 @@ def grpo_objective(
         total = total + term
         clipped_sum = clipped_sum + clipped.sum()
         max_dev = torch.maximum(max_dev, (step.log_prob.detach() - old_log_probs[:, t]).abs().max())
-    stats = torch.stack([policy_sum / count, kl_sum / count, clipped_sum / (B * len(steps)), max_dev]).tolist()  # one sync
-    return Objective(total / count, *stats)
+    finite = torch.isfinite(old_log_probs[:, steps]).all().float()
+    stats = torch.stack([policy_sum / count, kl_sum / count, clipped_sum / (B * len(steps)), max_dev, finite]).tolist()  # one sync
+    if stats[-1] != 1.0:  # raised before the caller's optimizer step can use the (NaN) gradient
+        raise ValueError(f"old_log_probs are not finite at the trained steps {steps} (a deterministic step's NaN?)")
+    return Objective(total / count, *stats[:-1])
 

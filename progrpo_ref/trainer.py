@@ -271,6 +271,8 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     check_task(task)
+    if hasattr(task, "check_sampler"):  # optional: a task that knows which samplers fit its model says so
+        task.check_sampler(config.sampler)
     if resume and not config.checkpoint_path:
         raise ValueError("resume=True needs config.checkpoint_path")
     dev = config.device

@@ -80,6 +80,23 @@ def test_train_runs_the_diffusion_arms(arm, tmp_path):
     assert strip_timings(resumed)["updates"][:2] == strip_timings(h)["updates"]
 
 
+def test_train_refuses_a_sampler_that_does_not_fit_the_model_before_any_work():
+    with pytest.raises(ValueError, match="the diffusion model needs DDIM"):
+        train(arm_config("flow_grpo", num_updates=1, progress=False), DigitsTask(model="diffusion"))
+    with pytest.raises(ValueError, match="the flow model needs FlowSDE or FlowCPS"):
+        train(arm_config("dance_grpo", num_updates=1, progress=False), DigitsTask())
+
+
+def test_the_diffusion_model_refuses_what_it_would_misread(diffusion_model):
+    from progrpo_ref.digits.diffusion_model import DiffusionModelConfig
+
+    with pytest.raises(ValueError, match="t must be integer timesteps in \\[0, 1000\\)"):
+        diffusion_model(torch.zeros(2, 1, 8, 8), torch.tensor([0.5, 0.5]), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="prediction_type='v_prediction': the digits' diffusion model is trained"):
+        DiffusionModelConfig(prediction_type="v_prediction")
+    assert "model" not in DigitsTask().describe() and DigitsTask(model="diffusion").describe()["model"] == "diffusion"
+
+
 def test_the_task_refuses_a_sampler_that_does_not_fit_its_model():
     with pytest.raises(ValueError, match="the diffusion model needs DDIM on its training schedule"):
         DigitsTask(model="diffusion").check_sampler(FlowSDE(20))
@@ -106,7 +123,12 @@ def test_cps_trains_on_its_first_nine_steps_only(flow_model, margin_reward):
     ro = rollout(flow_model, cps, torch.tensor([4]), 3, 0, latent_shape=IMAGE_SHAPE)
     assert torch.isnan(ro.log_probs[..., 9]).all() and torch.isfinite(ro.log_probs[..., :9]).all()
     lat, c, old = ro.latents.flatten(0, 1), ro.prompts.flatten(), ro.log_probs.flatten(0, 1)
-    with pytest.raises(ValueError, match="step 9 of FlowCPS.* is deterministic and has no log-prob"):
-        grpo_objective(flow_model, cps, lat, c, old, torch.ones(3), [8, 9], 1e-3)
+    calls = NFECounter(flow_model)
+    with pytest.raises(ValueError, match=r"steps=\[8, 9\] include a step of FlowCPS.* that is deterministic"):
+        grpo_objective(calls, cps, lat, c, old, torch.ones(3), [8, 9], 1e-3)
+    assert calls.calls == 0  # refused before any forward pass
+    # a sampler that does score step 9 (the SDE on the same grid) meets the rollout's NaN: refused, not trained on
+    with pytest.raises(ValueError, match="old_log_probs are not finite at the trained steps"):
+        grpo_objective(flow_model, FlowSDE(10), lat, c, old, torch.ones(3), range(10), 1e-3)
     out = grpo_objective(flow_model, cps, lat, c, old, torch.ones(3), range(9), 1e-3)
     assert out.max_abs_log_ratio == 0.0

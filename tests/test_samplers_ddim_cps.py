@@ -37,6 +37,20 @@ def test_ddim_schedule_is_diffusers_trailing_schedule(T, kw):
     assert ours.model_time(0) == ref.timesteps[0]
 
 
+def test_ddim_timesteps_match_diffusers_for_any_step_count():
+    """Also when T does not divide N (diffusers rounds numpy's arange; for a few T, e.g. 61, it returns
+    T + 1 timesteps, which we do not copy)."""
+    from diffusers import DDIMScheduler
+
+    checked = 0
+    for T in (3, 7, 13, 48, 96, 144, 250):
+        ref = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
+        ref.set_timesteps(T)
+        assert len(ref.timesteps) == T and torch.equal(DDIM(T).timesteps, ref.timesteps), T
+        checked += 1
+    assert checked == 7
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("eta", [1.0, 0.5])
 def test_ddim_mean_and_std_match_diffusers_step(prediction_type, eta):
@@ -114,6 +128,17 @@ def test_ddim_from_scheduler_config_and_json_round_trip():
         DDIM.from_scheduler_config({**cfg, "prediction_type": "sample"})
 
 
+def test_ddim_step_to_alpha_bar_one_is_deterministic():
+    """diffusers' set_alpha_to_one=True final step: s_t = 0, so no log-prob (not a NaN)."""
+    g = torch.Generator().manual_seed(9)
+    x, eps = randn(2, 1, 8, 8, g=g), randn(2, 1, 8, 8, g=g)
+    step = ddim_step_with_logprob(eps, x, 0.97, 1.0, eta=1.0, noise=randn(2, 1, 8, 8, g=g))
+    assert step.log_prob is None and float(step.std.max()) == 0.0
+    assert torch.allclose(step.prev_sample, (x - 0.03**0.5 * eps) / 0.97**0.5, atol=1e-5)  # lands on x0_hat
+    with pytest.raises(ValueError, match="alpha_bar_next must be 1 for all samples or for none"):
+        ddim_step_with_logprob(eps, x, 0.97, torch.tensor([1.0, 0.99]))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(alpha_bar=0.0), r"alpha_bar=0 must lie in \(0, 1\]"),
     (dict(alpha_bar=1.5, alpha_bar_next=1.6), r"alpha_bar=1.5 must lie in \(0, 1\]"),
@@ -138,6 +163,11 @@ def test_ddim_bad_step_input_is_named(kwargs, match):
     (lambda: DDIM(0), r"num_steps=0 must be an integer in \[1, 1000\]"),
     (lambda: DDIM(1000), "num_steps=1000 leaves a step whose alpha_bar does not increase"),
     (lambda: DDIM(20, beta_start=0.03, beta_end=0.02), "beta_start=0.03, beta_end=0.02"),
+    (lambda: DDIM(20, beta_end=0.2), "alpha_bar at the first timestep 999 underflows to 0"),
+    (lambda: DDIM(True), "num_steps=True must be an integer"),
+    (lambda: DDIM.from_scheduler_config({"rescale_betas_zero_snr": True}), "rescale_betas_zero_snr=True"),
+    (lambda: FlowCPS(1, 0.8), "num_steps=1 leaves CPS no stochastic step"),
+    (lambda: FlowCPS(True), "num_steps=True must be an integer"),
 ])
 def test_ddim_bad_sampler_is_named(make, match):
     with pytest.raises(ValueError, match=match):

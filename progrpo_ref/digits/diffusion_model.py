@@ -48,6 +48,9 @@ class DiffusionModelConfig:
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
+        if self.prediction_type != "epsilon":  # pretrain.ddpm_loss regresses the noise
+            raise ValueError(f"prediction_type={self.prediction_type!r}: the digits' diffusion model is trained "
+                             f"with DDPM's epsilon loss only")
 
     def scheduler_config(self) -> dict:
         """The ``DDPMScheduler`` / ``DDIMScheduler`` config keys of the training schedule."""
@@ -81,6 +84,9 @@ class DiffusionModel(nn.Module):
         check_images(x, "x")
         check_prompts(prompts)
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        if t.is_floating_point():  # e.g. a flow sampler's sigma: refuse rather than misread it
+            raise ValueError(f"t must be integer timesteps in [0, {self.config.num_train_timesteps}), got {t.dtype}; "
+                             f"sample this model with DDIM (DiffusionModel.sampler())")
         return self.unet(x, t, class_labels=prompts, return_dict=False)[0]
 
     def sampler(self, num_steps: int = 20, eta: float = 1.0) -> DDIM:

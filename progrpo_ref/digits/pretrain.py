@@ -76,7 +76,7 @@ def pretrain_flow(config: PretrainConfig = PretrainConfig(), device="cpu", progr
     return _pretrain(FlowModel(FlowModelConfig()), flow_matching_loss, config, device, progress, "flow matching")
 
 
-def pretrain_diffusion(config: PretrainConfig = PretrainConfig(), device="cpu", progress=True,
+def pretrain_diffusion(config: PretrainConfig = DIFFUSION_PRETRAIN, device="cpu", progress=True,
                        model_config: DiffusionModelConfig | None = None) -> tuple[DiffusionModel, list[float]]:
     """Train a ``DiffusionModel`` with DDPM's loss on ``DDPMScheduler``'s alphas_cumprod; returns (EMA model, losses)."""
     from diffusers import DDPMScheduler
@@ -166,6 +166,7 @@ def main(argv=None):
         seconds = time.perf_counter() - t
         acc = sample_accuracy(model, load_classifier("reward", device=args.device), sampler=model.sampler(20, eta=0.0))
         save_module(model, DIFFUSION_CHECKPOINT, {"sample_accuracy": f"{acc:.4f}", "pretrain_seconds": f"{seconds:.0f}",
+                                                  "pretrain_steps": args.diffusion_steps,
                                                   "final_loss": f"{sum(losses[-200:]) / 200:.4f}"})
         print(f"diffusion model: {model.num_parameters()} parameters, {seconds:.0f} s, "
               f"loss {sum(losses[-200:]) / 200:.4f}, 20-step DDIM (eta = 0) sample accuracy {acc:.4f}")

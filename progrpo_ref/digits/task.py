@@ -27,7 +27,7 @@ from .rewards import REWARDS, get_reward
 
 @dataclass
 class DigitsTask:
-    """Digits 0-9 as prompts, the tiny SD3 flow model as policy, classifier rewards."""
+    """Digits 0-9 as prompts, the flow or the diffusion model as policy, classifier rewards."""
 
     model: str = "flow"
     """the pretrained policy: "flow" (tiny SD3 transformer) or "diffusion" (small UNet, DDPM)"""
@@ -66,7 +66,12 @@ class DigitsTask:
                 raise ValueError(f"{name}={v!r} must be a finite number > 0")
 
     def describe(self) -> dict:
-        return {"name": "digits", **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
+        """The task's settings, for histories and resume checks. ``model`` is listed only when it is not the
+        flow model, so histories and checkpoints written before the diffusion model existed still match."""
+        d = {"name": "digits", **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
+        if d["model"] == "flow":
+            del d["model"]
+        return d
 
     def sample_prompts(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return torch.randint(NUM_CLASSES, (n,), generator=generator)

@@ -20,8 +20,9 @@ The schedule is what diffusers' ``DDIMScheduler(clip_sample=False, set_alpha_to_
 timestep_spacing="trailing")`` walks (tested against it): timesteps t_i = round(N - i N / T) - 1 for
 i = 0 .. T-1, step i going from t_i to t_{i+1}, and the last one to alpha_bar_0 = 1 - beta_0 (not to 1,
 which would make the last step deterministic). When T does not divide N, diffusers steps to
-t_i - N // T, which is not the timestep it evaluates next; we step to t_{i+1}, so the two agree
-exactly when T divides N (20 of 1000, 50 of 1000). Its defaults would clip x0_hat to [-1, 1] and end
+t_i - N // T, which is not the timestep it evaluates next; we step to t_{i+1}, so the steps agree
+with diffusers' exactly when T divides N (tested at 10, 20 and 50 of 1000; the timesteps themselves
+agree for any T for which diffusers returns T of them). Its defaults would clip x0_hat to [-1, 1] and end
 on a zero-variance step; neither reaches training here. The betas are computed in torch exactly as
 diffusers does for "linear" and "scaled_linear" (Stable Diffusion's), so the method does not need
 diffusers; ``DDIM.from_scheduler_config`` reads them from a diffusers scheduler's config dict.
@@ -53,7 +54,9 @@ def ddim_step_with_logprob(
 
     noise_pred (eps_hat), sample (x_t): ``[B, C, H, W]``; alpha_bar (at t) and alpha_bar_next (at t',
     the less noisy step): floats or ``[B]`` with 0 < alpha_bar < alpha_bar_next <= 1. The step's noise
-    z is ``noise`` if given, else drawn from ``generator``. All the math in fp32.
+    z is ``noise`` if given, else drawn from ``generator``. All the math in fp32. A step to
+    alpha_bar_next = 1 (diffusers' ``set_alpha_to_one``) has s_t = 0: it is deterministic and its
+    ``log_prob`` is ``None``, as at eta = 0.
     """
     _check_eta(eta)
     check_pair(noise_pred, sample, "noise_pred")
@@ -66,7 +69,12 @@ def ddim_step_with_logprob(
     if bad.any():
         raise ValueError(f"alpha_bar_next={a_next[bad].flatten()[0].item():.6g} must be larger than alpha_bar="
                          f"{a[bad].flatten()[0].item():.6g}: alpha_bar increases toward the clean end")
-    return _step(noise_pred, sample, alpha_bar, alpha_bar_next, eta, prev_sample, generator, noise)
+    last = a_next == 1
+    if last.any() and not last.all():
+        raise ValueError("alpha_bar_next must be 1 for all samples or for none (the step to 1 is deterministic)")
+    eps, x = noise_pred.float(), sample.float()
+    x0_hat = (x - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
+    return _step(eps, x0_hat, x, alpha_bar, alpha_bar_next, eta, prev_sample, generator, noise, eta == 0 or bool(last.all()))
 
 
 def _check_eta(eta) -> None:
@@ -74,19 +82,17 @@ def _check_eta(eta) -> None:
         raise ValueError(f"eta={eta!r} must be in [0, 1] (1 is DDPM's variance, DDPO's setting; 0 deterministic DDIM)")
 
 
-def _step(eps, sample, alpha_bar, alpha_bar_next, eta, prev_sample, generator, noise) -> SamplerStep:
-    """The step for alpha_bars already known to be valid (``DDIM`` validates its schedule once)."""
-    check_pair(eps, sample, "noise_pred")
-    eps, x = eps.float(), sample.float()
+def _step(eps, x0_hat, x, alpha_bar, alpha_bar_next, eta, prev_sample, generator, noise, deterministic) -> SamplerStep:
+    """The step from fp32 (eps_hat, x0_hat, x_t), for alpha_bars already known to be valid (``DDIM``
+    validates its schedule once); ``deterministic`` when eta = 0 or alpha_bar_next = 1."""
     a, a_next = per_sample(alpha_bar, x, "alpha_bar"), per_sample(alpha_bar_next, x, "alpha_bar_next")
     for name, t in (("prev_sample", prev_sample), ("noise", noise)):
         if t is not None:
             check_pair(t, x, name)
-    x0_hat = (x - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
     std = eta * torch.sqrt((1 - a_next) / (1 - a)) * torch.sqrt(1 - a / a_next)
     mean = torch.sqrt(a_next) * x0_hat + torch.sqrt((1 - a_next - std**2).clamp_min(0)) * eps
 
-    if eta == 0:  # deterministic DDIM
+    if deterministic:  # DDIM at eta = 0, or the step to alpha_bar = 1
         return SamplerStep(mean if prev_sample is None else prev_sample.float(), None, mean, std)
     return gaussian_step(mean, std, prev_sample, generator, noise)
 
@@ -102,7 +108,7 @@ def betas_for(num_train_timesteps: int, beta_start: float, beta_end: float, beta
 
 @dataclass(frozen=True)
 class DDIM(Sampler):
-    """DDPO's stochastic DDIM sampler on T trailing timesteps of an N-step training schedule."""
+    """DDPO's stochastic DDIM step (eta = 1 by default) on T trailing timesteps of an N-step training schedule."""
 
     num_steps: int = 20
     """T: sampling steps"""
@@ -120,9 +126,12 @@ class DDIM(Sampler):
     """what the network predicts: "epsilon" (the noise) or "v_prediction" """
 
     def __post_init__(self):
-        if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not integer(self.num_train_timesteps) or self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps!r} must be an integer >= 2")
-        if not isinstance(self.num_steps, int) or not 1 <= self.num_steps <= self.num_train_timesteps:
+        if not integer(self.num_steps) or not 1 <= self.num_steps <= self.num_train_timesteps:
             raise ValueError(f"num_steps={self.num_steps!r} must be an integer in [1, {self.num_train_timesteps}]")
         if not (0 < self.beta_start <= self.beta_end < 1):
             raise ValueError(f"beta_start={self.beta_start!r}, beta_end={self.beta_end!r} must satisfy 0 < start <= end < 1")
@@ -131,16 +140,24 @@ class DDIM(Sampler):
         _check_eta(self.eta)
         betas_for(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)  # validates the name
         ab = self.alpha_bars
+        if not ab[0] > 0:
+            raise ValueError(f"alpha_bar at the first timestep {int(self.timesteps[0])} underflows to 0 in fp32 "
+                             f"(beta_end={self.beta_end}): zero-terminal-SNR schedules are not supported")
         if not bool((ab[1:] > ab[:-1]).all()):
             raise ValueError(f"num_steps={self.num_steps} leaves a step whose alpha_bar does not increase "
                              f"(the last timestep is already 0); use fewer steps")
 
     @classmethod
     def from_scheduler_config(cls, config: dict, num_steps: int = 20, eta: float = 1.0) -> "DDIM":
-        """From a diffusers scheduler's ``config`` (DDPM, DDIM, PNDM ...): its betas and prediction type."""
+        """From a diffusers scheduler's ``config`` (DDPM, DDIM, PNDM ...): the model's training schedule
+        (betas) and prediction type. The sampling schedule is always the trailing one of the module
+        docstring: the config's ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one`` (sampling
+        settings; Stable Diffusion v1's scheduler walks "leading" timesteps 951 ... 1) are not used."""
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
         if config.get("trained_betas") is not None:
             raise ValueError("schedulers with explicit trained_betas are not supported")
+        if config.get("rescale_betas_zero_snr"):
+            raise ValueError("rescale_betas_zero_snr=True (zero terminal SNR) is not supported")
         return cls(num_steps=num_steps, eta=eta, **{k: config[k] for k in keys if k in config})
 
     @cached_property
@@ -151,9 +168,12 @@ class DDIM(Sampler):
 
     @cached_property
     def timesteps(self) -> torch.Tensor:
-        """The T sampling timesteps, noisy first ``[T]`` long ("trailing" spacing: N-1 is the first)."""
+        """The T sampling timesteps, noisy first ``[T]`` long ("trailing" spacing: N-1 is the first),
+        computed as diffusers does with ``np.arange(N, 0, -N / T)``: round(N + i delta) - 1 in float64
+        with delta = (N - N / T) - N, halves to even."""
         N, T = self.num_train_timesteps, self.num_steps
-        return torch.tensor([round(N - i * N / T) - 1 for i in range(T)], dtype=torch.long)
+        delta = (N - N / T) - N  # numpy's arange step, rounded as numpy rounds it
+        return (torch.round(N + torch.arange(T, dtype=torch.float64) * delta) - 1).long()
 
     @cached_property
     def alpha_bars(self) -> torch.Tensor:
@@ -172,20 +192,21 @@ class DDIM(Sampler):
         return self.timesteps[i]
 
     def eps_and_x0(self, out: torch.Tensor, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps_hat, x0_hat) from the network output at step i, fp32."""
+        """(eps_hat, x0_hat) from the network output at step i, fp32. For v-prediction both come straight
+        from v (v = sqrt(a) eps - sqrt(1 - a) x0), as in diffusers: no division by sqrt(a), which is
+        0.006 at the first timestep."""
         check_pair(out, x, "model output")
         a = self.alpha_bars[i]
         out, x = out.float(), x.float()
         if self.prediction_type == "epsilon":
-            eps = out
-        else:  # v = sqrt(a) eps - sqrt(1 - a) x0  =>  eps = sqrt(a) v + sqrt(1 - a) x
-            eps = a.sqrt() * out + (1 - a).sqrt() * x
-        return eps, (x - (1 - a).sqrt() * eps) / a.sqrt()
+            return out, (x - (1 - a).sqrt() * out) / a.sqrt()
+        return a.sqrt() * out + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * out
 
     def step(self, out, x, i, noise=None, prev_sample=None, generator=None) -> SamplerStep:
         self.check_step(i)
-        eps, _ = self.eps_and_x0(out, x, i)
-        return _step(eps, x, self.alpha_bars[i], self.alpha_bars[i + 1], self.eta, prev_sample, generator, noise)
+        eps, x0_hat = self.eps_and_x0(out, x, i)
+        return _step(eps, x0_hat, x.float(), self.alpha_bars[i], self.alpha_bars[i + 1], self.eta, prev_sample,
+                     generator, noise, self.eta == 0)
 
     def preview(self, out, x, i) -> torch.Tensor:
         """x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_bar_t), not clipped (fp32)."""

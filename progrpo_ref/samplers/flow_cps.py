@@ -99,6 +99,9 @@ class FlowCPS(FlowSchedule, Sampler):
     def __post_init__(self):
         flow_sigmas(self.num_steps, self.shift)
         _check_level(self.noise_level)
+        if self.noise_level > 0 and self.num_steps < 2:
+            raise ValueError(f"num_steps={self.num_steps} leaves CPS no stochastic step (its last step is "
+                             f"deterministic); use num_steps >= 2")
 
     @property
     def stochastic(self) -> bool:

@@ -39,7 +39,7 @@ MAX_NOISE_LEVEL = math.sqrt(2.0)
 
 def flow_sigmas(num_steps: int = 10, shift: float = 1.0) -> torch.Tensor:
     """Sampling sigmas ``[T + 1]`` from 1 to 0 (see the module docstring), fp32."""
-    if not isinstance(num_steps, int) or num_steps < 1:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r} must be an integer >= 1")
     if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift={shift!r} must be a finite number > 0")

@@ -140,12 +140,12 @@ def on_policy_log_ratio(model, sampler, prompts, group_size, seed=0, splits=3, l
     g = torch.Generator().manual_seed(seed)
     ro = rollout(model, sampler, prompts, group_size, seed, latent_shape=latent_shape)
     lat, c, old = ro.latents.flatten(0, 1), ro.prompts.flatten(), ro.log_probs.flatten(0, 1)
-    same, split = 0.0, 0.0
+    same, split = torch.zeros(()), torch.zeros(())
     for t in range(sampler.trainable_steps):  # CPS's last step has no log-prob
-        same = max(same, (step_log_prob(model, sampler, lat, c, t).log_prob - old[:, t]).abs().max().item())
+        same = torch.maximum(same, (step_log_prob(model, sampler, lat, c, t).log_prob - old[:, t]).abs().max())
         for mb in torch.randperm(len(c), generator=g).chunk(splits):
-            split = max(split, (step_log_prob(model, sampler, lat[mb], c[mb], t).log_prob - old[mb, t]).abs().max().item())
-    return {"same_batch": same, "other_splits": split}
+            split = torch.maximum(split, (step_log_prob(model, sampler, lat[mb], c[mb], t).log_prob - old[mb, t]).abs().max())
+    return {"same_batch": same.item(), "other_splits": split.item()}  # NaN propagates (Python's max would hide it)
 
 
 @torch.no_grad()

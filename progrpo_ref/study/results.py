@@ -143,6 +143,8 @@ def render_diffusion(r: dict) -> str:
     sde_p, cps_p = df["pretrained, sde"], df["pretrained, cps"]
     sde_t, cps_t = df["trained (standard sde, seed 0), sde"], df["trained (standard cps, seed 0), cps"]
     sec = f["seconds_per_update"]
+    from ..digits.pretrain import DIFFUSION_PRETRAIN
+
     rows = [
         ("Pro-GRPO beats plain GRPO on a diffusion model (SD-v1.4: HPSv2.1 0.391 vs 0.369)",
          f"{pro['mean']:.2f} vs {base['mean']:.2f}, paired diff {_pm(d['standard_sd14 vs dance_grpo'])} "
@@ -161,7 +163,7 @@ def render_diffusion(r: dict) -> str:
     ]
     return "\n".join([
         f"- The diffusion model: `UNet2DModel` (channels 16, 32; class embedding), {m['parameters']:,} parameters, DDPM's loss "
-        f"on a linear schedule of 1000 steps, 3000 AdamW steps in {float(m['pretrain_seconds']):.0f} s on 2 cores; "
+        f"on a linear schedule of 1000 steps, {DIFFUSION_PRETRAIN.steps} AdamW steps in {float(m['pretrain_seconds']):.0f} s on 2 cores; "
         f"20-step DDIM (eta = 0) samples are classified as the requested digit in {float(m['sample_accuracy']):.1%} "
         "of 1000 (the bar is 95%).",
         f"- Notebook 04 ran in {f['seconds']:.0f} s (full profile).", "",
