@@ -41,8 +41,13 @@ class TrajectoryNoise:
 
     def draws(self, P: int, G: int, n: int, shape: tuple[int, ...]) -> torch.Tensor:
         """Standard normal draws ``[P, G, n, *shape]`` on the CPU: n per trajectory, in its own stream."""
-        return torch.stack([torch.randn((n, *shape), generator=self.generator(p, g)) for p in range(P) for g in range(G)]
-                           ).view(P, G, n, *shape)
+        keys = [(p, g) for p in range(P) for g in range(G)]
+        return self.draws_for(keys, n, shape).view(P, G, n, *shape)
+
+    def draws_for(self, keys, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The draws ``[len(keys), n, *shape]`` of the trajectories ``keys`` = [(prompt position, index), ...]:
+        the same numbers as ``draws`` gives them, for any subset (a process's share of the groups)."""
+        return torch.stack([torch.randn((n, *shape), generator=self.generator(int(p), int(g))) for p, g in keys])
 
     def __repr__(self):
         return f"TrajectoryNoise(seed={self.seed}, update={self.update}, stream={self.stream!r}, first_prompt={self.first_prompt})"

@@ -87,7 +87,65 @@ def _check(sampler, prompts, group_size, preview_steps, latent_shape):
         raise ValueError(f"latent_shape={latent_shape!r} must be a tuple of positive ints, the task's [C, H, W]")
 
 
+@dataclass
+class FlatRollout:
+    """Trajectories as a flat list (any subset of any groups: one process's share), with who each one is."""
+
+    prompts: torch.Tensor  # [n] prompt ids
+    keys: torch.Tensor  # [n, 2] long: (prompt position p, trajectory index g) in the update's groups
+    latents: torch.Tensor  # [n, T + 1, C, H, W]
+    log_probs: torch.Tensor | None  # [n, T]; NaN at a deterministic step; None for a deterministic sampler
+    nfe: int  # network evaluations measured in this process
+
+
 @torch.no_grad()
+def rollout_flat(
+    model: Callable,
+    sampler: Sampler,
+    prompts: torch.Tensor,
+    keys: torch.Tensor,
+    noise: TrajectoryNoise | int | None = None,
+    preview_steps: tuple[int, ...] = (),
+    on_preview: Callable | None = None,
+    *,
+    latent_shape: tuple[int, ...],
+) -> FlatRollout:
+    """Sample the trajectories ``keys`` ``[n, 2]`` (prompt position, index) with prompt ids ``prompts`` ``[n]``,
+    in one batch per step. ``on_preview(c, x0_hat [n_live, C, H, W], prompts [n_live], keys [n_live, 2])`` may
+    return the indices of the live trajectories to keep (in that order). A process with no live trajectory
+    still calls ``on_preview`` (a distributed prune is a collective call) but not the network."""
+    noise = as_noise(noise)
+    device = prompts.device
+    T = sampler.num_steps
+    counter = model if isinstance(model, NFECounter) else NFECounter(model)
+    nfe_before = counter.nfe
+
+    keys = keys.cpu()
+    z = noise.draws_for(keys.tolist(), T + 1, latent_shape) if len(keys) else torch.zeros(0, T + 1, *latent_shape)
+    x, c = z[:, 0].to(device), prompts
+    states, log_probs = [x], []
+    for i in range(T):
+        if len(x):
+            out = counter(x, sampler.model_time(i).to(device).expand(len(x)), c)
+        else:
+            out = torch.zeros_like(x)
+        if (i + 1) in preview_steps and on_preview is not None:
+            keep = on_preview(i + 1, sampler.preview(out, x, i), c, keys)
+            if keep is not None:  # prune: survivors keep their history and this step's model output
+                flat = keep.to(device)
+                x, out, c, z, keys = x[flat], out[flat], c[flat], z[flat.cpu()], keys[flat.cpu()]
+                states = [s[flat] for s in states]
+                log_probs = [lp[flat] for lp in log_probs]
+        step = sampler.step(out, x, i, noise=z[:, i + 1].to(device) if sampler.stochastic else None)
+        x = step.prev_sample
+        states.append(x)
+        if sampler.stochastic:  # a deterministic step of a stochastic sampler (CPS's last) has no log-prob: NaN
+            log_probs.append(step.log_prob if step.log_prob is not None else torch.full((len(x),), float("nan"), device=device))
+
+    return FlatRollout(c, keys, torch.stack(states, 1), torch.stack(log_probs, 1) if log_probs else None,
+                       counter.nfe - nfe_before)
+
+
 def rollout(
     model: Callable,
     sampler: Sampler,
@@ -102,37 +160,26 @@ def rollout(
     """Sample ``group_size`` trajectories for each of the P ``prompts`` ``[P]``; see the module doc.
     ``noise``: the update's ``TrajectoryNoise`` (an int is a seed); ``latent_shape``: the task's [C, H, W]."""
     _check(sampler, prompts, group_size, preview_steps, latent_shape)
-    noise = as_noise(noise)
-    device = prompts.device
-    P, g, T = len(prompts), group_size, sampler.num_steps
-    counter = model if isinstance(model, NFECounter) else NFECounter(model)
-    nfe_before = counter.nfe
+    P, T = len(prompts), sampler.num_steps
+    g = group_size
+    keys = torch.stack(torch.meshgrid(torch.arange(P), torch.arange(g), indexing="ij"), -1).view(-1, 2)  # prompt-major
 
-    z = noise.draws(P, g, T + 1, latent_shape).flatten(0, 1)  # [P * g, T + 1, C, H, W] on the CPU
-    x = z[:, 0].to(device)
-    c = prompts.repeat_interleave(g)  # [P * g], prompt-major
-    states, log_probs = [x], []
-    for i in range(T):
-        out = counter(x, sampler.model_time(i).to(device).expand(len(x)), c)
-        if (i + 1) in preview_steps and on_preview is not None:
-            keep = on_preview(i + 1, sampler.preview(out, x, i).view(P, g, *latent_shape), c.view(P, g))
-            if keep is not None:  # prune: survivors keep their history and this step's model output
-                flat = (keep + g * torch.arange(P, device=keep.device)[:, None]).flatten().to(device)
-                x, out, c, z = x[flat], out[flat], c[flat], z[flat.cpu()]
-                states = [s[flat] for s in states]
-                log_probs = [lp[flat] for lp in log_probs]
-                g = keep.shape[1]
-        step = sampler.step(out, x, i, noise=z[:, i + 1].to(device) if sampler.stochastic else None)
-        x = step.prev_sample
-        states.append(x)
-        if sampler.stochastic:  # a deterministic step of a stochastic sampler (CPS's last) has no log-prob: NaN
-            log_probs.append(step.log_prob if step.log_prob is not None else torch.full((len(x),), float("nan"), device=device))
+    def prune(c, x0_hat, flat_prompts, flat_keys):  # the [P, g] view of the flat hook
+        nonlocal g
+        keep = on_preview(c, x0_hat.view(P, g, *latent_shape), flat_prompts.view(P, g))
+        if keep is None:
+            return None
+        flat = (keep + g * torch.arange(P, device=keep.device)[:, None]).flatten()
+        g = keep.shape[1]
+        return flat
 
+    flat = rollout_flat(model, sampler, prompts.repeat_interleave(g), keys, noise, preview_steps,
+                        prune if on_preview is not None else None, latent_shape=latent_shape)
     return Rollout(
-        prompts=c.view(P, g),
-        latents=torch.stack(states, 1).view(P, g, T + 1, *latent_shape),
-        log_probs=torch.stack(log_probs, 1).view(P, g, T) if log_probs else None,
-        nfe=counter.nfe - nfe_before,
+        prompts=flat.prompts.view(P, g),
+        latents=flat.latents.view(P, g, T + 1, *latent_shape),
+        log_probs=flat.log_probs.view(P, g, T) if flat.log_probs is not None else None,
+        nfe=flat.nfe,
     )
 
 

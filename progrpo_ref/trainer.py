@@ -18,7 +18,9 @@ Per update (``collect`` then ``optimise``): P prompts from the task, a rollout (
 ``expand_and_prune``) with the config's sampler, final rewards, an optional static selection
 (``select_subset``), group advantages over the trained group, then ``num_minibatches`` optimizer
 steps of ``grpo_objective``. The task's evaluation (every ``eval_every`` updates) is independent of
-selection. ``train(config, task)`` runs it all, with a progress bar, a history and exact resume.
+selection. ``train(config, task)`` runs it all, with a progress bar, a history and exact resume, in one
+process or, under ``torchrun`` / ``accelerate launch``, spread over several (``parallel.py``: each process
+samples its share of every group; decisions are taken on the whole groups; gradients are summed).
 """
 from __future__ import annotations
 
@@ -33,16 +35,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_training_checkpoint, save_training_checkpoint
-from .grpo import group_advantages, grpo_objective
-from .noise import TrajectoryNoise, per_update_generator
-from .ovf import STRATEGIES, select_subset
-from .pro_grpo import PRESETS, PruneSchedule, expand_and_prune
-from .rollout import NFECounter, Rollout, rollout
+from .grpo import group_advantages
+from .noise import per_update_generator
+from .ovf import STRATEGIES
+from .parallel import Shard, Shards, collect_shard, optimise_shard
+from .pro_grpo import PRESETS, PruneSchedule
+from .rollout import NFECounter
 from .samplers import DDIM, FlowSDE, Sampler, sampler_from_dict, sampler_to_dict
 from .task import check_task
 
 TIMING_KEYS = ("sampling_s", "optimisation_s", "eval_s")
-RESUMABLE_CHANGES = ("num_updates", "progress", "checkpoint_path", "checkpoint_every")  # may differ on resume
+RESUMABLE_CHANGES = ("num_updates", "progress", "checkpoint_path", "checkpoint_every", "device_batch")  # may differ on resume
 
 
 @dataclass
@@ -88,6 +91,10 @@ class TrainConfig:
     (its 0.99 trains 9 of 10, skipping the nearly noise-free last step)"""
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
+    device_batch: int = 0
+    """at most this many trajectories per forward/backward pass of the optimisation, per process (gradient
+    accumulation; the mini-batches and the gradient do not change); 0: each process's share of a mini-batch
+    in one pass"""
     eval_every: int = 10
     """evaluate before the first update and after every eval_every updates (and at the end)"""
     cluster_delta: float = 0.5
@@ -179,6 +186,7 @@ def _validate(c: TrainConfig) -> None:
          f"train_steps_fraction={c.train_steps_fraction} trains on {c.trained_steps} steps but only the first "
          f"{c.sampler.trainable_steps} of {c.sampler!r} have a log-prob (e.g. 0.9 trains 9 of 10)")
     number("max_grad_norm", 0, math.inf)
+    integer("device_batch", 0)
     integer("eval_every", 1)
     number("cluster_delta", 0, math.inf)
     integer("seed", 0)
@@ -216,46 +224,34 @@ def arm_config(name: str, **overrides) -> TrainConfig:
 
 
 # ---------------------------------------------------------------- one update: collect, then optimise
-def collect(model: Callable, task, config: TrainConfig, update: int, generator: torch.Generator) -> tuple[Rollout, torch.Tensor]:
-    """One update's rollout, final rewards and static selection: (trained rollout, R ``[P, K]``).
+def collect(model: Callable, task, config: TrainConfig, update: int, generator: torch.Generator,
+            shards: Shards | None = None) -> Shard:
+    """One update's rollout (plain or Expand-and-Prune), final rewards and static selection, for this
+    process's share of the groups (all of them in a single process): ``parallel.collect_shard``.
 
     The trajectories' noise is ``TrajectoryNoise(config.seed, update)``; ``generator`` (the update's
-    own, ``per_update_generator``) draws the prompts and any random subset."""
-    prompts = task.sample_prompts(config.prompts_per_update, generator).to(config.device)
-    noise = TrajectoryNoise(config.seed, update)
-    if len(config.schedule.group_sizes) > 1:
-        ro = expand_and_prune(model, config.sampler, prompts, config.schedule, task.reward, noise,
-                              config.prune_strategy, generator, latent_shape=task.latent_shape)
-    else:
-        ro = rollout(model, config.sampler, prompts, config.schedule.group_sizes[0], noise, latent_shape=task.latent_shape)
-    R = ro.final_rewards(task.reward)
-    if config.selection != "all":
-        keep = select_subset(R, config.select_k, config.selection, generator)
-        ro, R = ro.select(keep), R.gather(1, keep)
-    return ro, R
+    own, ``per_update_generator``) draws the prompts and any random subset. ``.rewards`` is R ``[P, K]``."""
+    return collect_shard(model, task, config, update, generator, shards or Shards())
 
 
-def optimise(model, reference, optimizer, ro: Rollout, advantages: torch.Tensor, config: TrainConfig,
-             generator: torch.Generator) -> dict:
-    """``num_minibatches`` optimizer steps of ``grpo_objective`` over the trained trajectories."""
-    P, K, T = ro.log_probs.shape
-    latents, prompts = ro.latents.flatten(0, 1), ro.prompts.flatten()  # [N, T + 1, C, H, W], [N]
-    old_lp, adv = ro.log_probs.flatten(0, 1), advantages.flatten()  # [N, T], [N]
-    steps = range(config.trained_steps)
-    perm = torch.randperm(P * K, generator=generator).to(latents.device)
-    stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_dev_first": 0.0}
-    for i, mb in enumerate(torch.tensor_split(perm, config.num_minibatches)):  # sizes differ by at most one
-        optimizer.zero_grad(set_to_none=True)
-        out = grpo_objective(model, config.sampler, latents[mb], prompts[mb], old_lp[mb], adv[mb], steps,
-                             config.clip_range, config.beta, reference, backward=True)
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
-        optimizer.step()
-        stats["loss"] += out.loss.item() / config.num_minibatches
-        stats["kl"] += out.kl / config.num_minibatches
-        stats["clip_frac"] += out.clip_frac / config.num_minibatches
-        if i == 0:
-            stats["ratio_dev_first"] = out.max_abs_log_ratio
-    return stats
+def optimise(model, reference, optimizer, shard: Shard, advantages: torch.Tensor, config: TrainConfig,
+             generator: torch.Generator, shards: Shards | None = None) -> dict:
+    """``num_minibatches`` optimizer steps of ``grpo_objective`` over the trained trajectories of all
+    processes (``parallel.optimise_shard``)."""
+    return optimise_shard(model, reference, optimizer, shard, advantages, config, generator, shards or Shards())
+
+
+def batch_arithmetic(config: TrainConfig, world: int) -> str:
+    """The batch sizes of one update, as the trainer prints them at the start of a run."""
+    s, P = config.schedule, config.prompts_per_update
+    G0, K = s.group_sizes[0], config.trained_group_size
+    per_rank = [len(range(G0 * r // world, G0 * (r + 1) // world)) * P for r in range(world)]
+    mb = P * K / config.num_minibatches
+    passes = f"passes of at most {config.device_batch} trajectories" if config.device_batch else "one pass per process"
+    return (f"{P} prompts x G = {G0} = {P * G0} trajectories per update over {world} process(es) "
+            f"({' / '.join(map(str, per_rank))} each); {P} x {K} = {P * K} trained, in {config.num_minibatches} "
+            f"mini-batches of about {mb:.1f} (one global permutation; {passes}); "
+            f"{s.nfe()} NFE per prompt, {config.trained_steps} of {s.num_steps} steps trained")
 
 
 # ---------------------------------------------------------------- the loop
@@ -283,8 +279,12 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
     reference = task.reference(model, dev) if config.beta > 0 else None
     optimizer = torch.optim.Adam(trainable, lr=config.lr)
     counter = NFECounter(model)
+    shards = Shards()  # the processes of this run: one unless torch.distributed is initialised
     history = {"config": config.to_dict(), "task": task.describe(), "updates": [], "evals": []}
     start = 0
+    lead = shards.rank == 0  # evaluates, saves checkpoints and shows progress
+    if config.progress and lead:
+        print(batch_arithmetic(config, shards.world))
 
     if resume:
         ckpt = load_training_checkpoint(config.checkpoint_path)
@@ -298,22 +298,27 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
         if start < config.num_updates and history["evals"] and history["evals"][-1]["update"] % config.eval_every:
             history["evals"].pop()  # an end-of-run evaluation off the eval_every grid: the longer run has none there
 
-    def run_eval(u):
+    def run_eval(u):  # on the first process (all hold the same weights), shared with the others
         t = time.perf_counter()
-        history["evals"].append({"update": u, **task.evaluate(model, config.sampler), "eval_s": time.perf_counter() - t})
+        row = {"update": u, **task.evaluate(model, config.sampler), "eval_s": time.perf_counter() - t} if lead else None
+        history["evals"].append(shards.broadcast(row))
 
     if start == 0:
         run_eval(0)
-    bar = tqdm(range(start, config.num_updates), desc=config.arm, disable=not config.progress, initial=start, total=config.num_updates)
+    bar = tqdm(range(start, config.num_updates), desc=config.arm, disable=not (config.progress and lead), initial=start,
+               total=config.num_updates)
     for u in bar:
         t0 = time.perf_counter()
         counter.nfe = 0
         generator = per_update_generator(config.seed, u + 1)  # prompts, random subsets, mini-batch order
-        ro, R = collect(counter, task, config, u + 1, generator)
+        shard = collect(counter, task, config, u + 1, generator, shards)
+        R = shard.rewards  # [P, K], the whole groups' (the same on every process)
         t1 = time.perf_counter()
         A = group_advantages(R, config.adv_eps, config.global_std, config.adv_clip)
-        stats = optimise(model, reference, optimizer, ro, A, config, generator)
+        stats = optimise(model, reference, optimizer, shard, A, config, generator, shards)
         t2 = time.perf_counter()
+        nfe = shards.sum_(torch.tensor([counter.nfe], dtype=torch.float64, device=dev)).item()  # over processes
+        seconds = shards.max_(torch.tensor([t1 - t0, t2 - t1], dtype=torch.float64, device=dev)).tolist()  # the slowest
         within_std = R.std(1, unbiased=False)
         history["updates"].append({
             "update": u + 1,
@@ -321,16 +326,16 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
             "reward_std": within_std.mean().item(),
             "cluster_frac": (A.abs() <= config.cluster_delta).float().mean().item(),
             "zero_std_ratio": (within_std == 0).float().mean().item(),
-            "nfe_per_prompt": counter.nfe / config.prompts_per_update,
+            "nfe_per_prompt": nfe / config.prompts_per_update,
             "trained_per_prompt": R.shape[1],
-            "sampling_s": t1 - t0,
-            "optimisation_s": t2 - t1,
+            "sampling_s": seconds[0],
+            "optimisation_s": seconds[1],
             **stats,
         })
         if (u + 1) % config.eval_every == 0 or u + 1 == config.num_updates:
             run_eval(u + 1)
         bar.set_postfix(reward=f"{history['updates'][-1]['reward_mean']:.2f}")
-        if config.checkpoint_path and ((config.checkpoint_every and (u + 1) % config.checkpoint_every == 0) or u + 1 == config.num_updates):
+        if lead and config.checkpoint_path and ((config.checkpoint_every and (u + 1) % config.checkpoint_every == 0) or u + 1 == config.num_updates):
             # the RNG state: every update's randomness is a function of (seed, update), see noise.py
             rng = {"seed": config.seed, "next_update": u + 2, "scheme": "noise.derive_seed(stream, seed, update, ...)"}
             save_training_checkpoint(config.checkpoint_path, model, optimizer, {**history, "rng": rng})

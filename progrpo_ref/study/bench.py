@@ -125,9 +125,9 @@ def run_epoch(arm, device, bf16, sd35, sd35_layers, prompts, updates, warmup, se
                 torch.cuda.reset_peak_memory_stats()
         _sync(device); t0 = time.perf_counter()
         gen = per_update_generator(seed, u + 1)
-        ro, R = collect(counter, reward, cfg, u + 1, gen)
+        shard = collect(counter, reward, cfg, u + 1, gen)
         _sync(device); t1 = time.perf_counter()
-        optimise(model, None, optimizer, ro, group_advantages(R, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
+        optimise(model, None, optimizer, shard, group_advantages(shard.rewards, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
         _sync(device); t2 = time.perf_counter()
         if u >= warmup:
             times["sampling_s"].append(t1 - t0)
@@ -161,9 +161,9 @@ def run_interleaved(arms, device, bf16, sd35, sd35_layers, prompts, rounds, seed
             model, task, cfg, optimizer = state[arm]
             gen = per_update_generator(seed, r + 1)
             _sync(device); t0 = time.perf_counter()
-            ro, R = collect(model, task, cfg, r + 1, gen)
+            shard = collect(model, task, cfg, r + 1, gen)
             _sync(device); t1 = time.perf_counter()
-            optimise(model, None, optimizer, ro, group_advantages(R, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
+            optimise(model, None, optimizer, shard, group_advantages(shard.rewards, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
             _sync(device); t2 = time.perf_counter()
             if r > 0:  # round 0 warms up
                 times[arm]["sampling_s"].append(t1 - t0)

@@ -1,0 +1,125 @@
+"""Data-parallel training, for real: two processes on this CPU (torch.distributed, gloo), started with
+``python -m torch.distributed.run``, against one process running the same code.
+
+What "the same" means here, measured: the two runs make the same decisions exactly (trajectory ownership,
+every OVF keep, the trained set), and the floating-point numbers differ only by the batch composition of
+the network calls (each process evaluates half the batch): sampled latents by about 1e-6, gradients by
+about 6e-8 (1.5e-6 relative). Adam's first steps divide each gradient by its own magnitude, so for the
+weights the same last-bit difference can move a near-zero-gradient parameter by a few 1e-6 (6.3e-6
+measured at lr 1e-4): we check the gradients at 1e-6 and the weights at 1e-5.
+"""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "dist_worker.py"
+TIMEOUT = 240  # a hang fails the test instead of the suite
+
+
+def run(out, *args, processes=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        cmd = [sys.executable, str(WORKER), str(out), *map(str, args)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(WORKER), str(out), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def one_and_two(tmp_path, *args):
+    a, b = tmp_path / "one.pt", tmp_path / "two.pt"
+    for out, n in ((a, 1), (b, 2)):
+        r = run(out, *args, processes=n)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(a), torch.load(b)
+
+
+def assert_same_update(one, two):
+    assert torch.equal(one["keys"], two["keys"])  # the same trajectories were trained on
+    assert all(torch.equal(x, y) for x, y in zip(one["keep"], two["keep"]))  # the same pruning decisions
+    assert (one["latents"] - two["latents"]).abs().max() <= 1e-5
+    assert torch.allclose(one["rewards"], two["rewards"], atol=1e-5, rtol=1e-6)
+    assert (one["advantages"] - two["advantages"]).abs().max() <= 1e-5
+    for g1, g2 in zip(one["grads"], two["grads"], strict=True):
+        assert (g1 - g2).abs().max() <= 1e-6 and (g1 - g2).norm() <= 1e-5 * g1.norm()
+    assert max((one["weights"][k] - two["weights"][k]).abs().max() for k in one["weights"]) <= 1e-5
+    for r in (one, two):  # the first mini-batch is on-policy however the batch is split
+        assert r["stats"]["ratio_dev_first"] <= 1e-5
+
+
+@pytest.mark.parametrize("prompts, sizes, steps, device_batch", [
+    (2, "8,6,4", "5,7", 0),  # Expand-and-Prune, each group split 4 / 4
+    (3, "7", "-", 0),  # uneven: 3 prompts x G = 7, split 4 / 3 per prompt
+    (3, "7,5", "6", 3),  # uneven and pruned, passes of at most 3 trajectories
+])
+def test_two_processes_make_the_update_of_one(tmp_path, prompts, sizes, steps, device_batch):
+    one, two = one_and_two(tmp_path, prompts, sizes, steps, 0, "--device-batch", device_batch)
+    assert_same_update(one, two)
+    G0 = int(sizes.split(",")[0])
+    assert one["held"].tolist() == [prompts * int(sizes.split(",")[-1])]
+    assert sum(two["held"].tolist()) == one["held"].item() and len(two["held"]) == 2
+    assert two["latents"].shape[0] == prompts * int(sizes.split(",")[-1]) and G0 > 0
+
+
+def test_a_process_left_without_survivors_still_takes_part(tmp_path):
+    """Find a seed whose OVF keeps only trajectories 0 and 1 of the single group (process 1 holds 2 and 3),
+    then run it on two processes: process 1 trains on nothing but joins every collective call."""
+    from progrpo_ref.digits import DigitsTask
+    from progrpo_ref.noise import per_update_generator
+    from progrpo_ref.pro_grpo import PruneSchedule
+    from progrpo_ref.trainer import arm_config, collect
+
+    task = DigitsTask(eval_per_class=1, eval_group=2)
+    model = task.policy()
+    for seed in range(40):
+        cfg = arm_config("standard", schedule=PruneSchedule((4, 2), (5,), 10), prompts_per_update=1, seed=seed, progress=False)
+        keep = collect(model, task, cfg, 1, per_update_generator(seed, 1)).previews[0]["keep"]
+        if set(keep.flatten().tolist()) == {0, 1}:
+            break
+    else:
+        pytest.fail("no seed in 0..39 keeps only trajectories 0 and 1")
+    one, two = one_and_two(tmp_path, 1, "4,2", "5", seed)
+    assert two["held"].tolist() == [2, 0]
+    assert_same_update(one, two)
+
+
+def test_a_crashing_process_ends_the_run_with_an_error(tmp_path):
+    t = time.perf_counter()
+    r = run(tmp_path / "x.pt", 2, "8,4", "5", 0, "--crash-rank", 1, processes=2)
+    assert r.returncode != 0 and "crashes on purpose" in r.stderr
+    assert time.perf_counter() - t < TIMEOUT
+
+
+LAUNCHERS = {  # how users start N processes: nothing, torchrun, accelerate (--multi_gpu starts 2 on a CPU too)
+    "one process": (1, [sys.executable]),
+    "torchrun": (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+    "accelerate": (2, [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]),
+}
+
+
+def test_the_command_line_trains_the_same_under_each_launcher(tmp_path):
+    import json
+
+    common = ["-m", "progrpo_ref", "train", "--task", "digits", "--arm", "standard", "--updates", "1", "--prompts", "2",
+              "--set", "eval_every=1", "--set", "beta=0.01"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    hist = {}
+    for name, (n, launcher) in LAUNCHERS.items():
+        out = tmp_path / f"{name}.json"
+        r = subprocess.run([*launcher, *common, "--history", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=TIMEOUT)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        assert f"over {n} process(es)" in r.stdout  # the batch arithmetic is printed at the start
+        hist[name] = json.loads(out.read_text())
+    base = hist["one process"]
+    for name, h in hist.items():
+        assert h["updates"][0]["nfe_per_prompt"] == 324  # NFE summed over processes
+        assert h["updates"][0]["reward_mean"] == pytest.approx(base["updates"][0]["reward_mean"], abs=1e-5), name
+        assert h["evals"][-1]["eval_margin"] == pytest.approx(base["evals"][-1]["eval_margin"], abs=1e-4), name
