@@ -36,14 +36,17 @@ def _init_distributed(device: str) -> str:
     import torch
     import torch.distributed as dist
 
+    from datetime import timedelta
+
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
     cuda = device.startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return f"cuda:{local}"
+    if cuda:  # one GPU per process; "cuda" then means this process's GPU, so every process logs the same config
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = "cuda"
+    # a process that dies mid-update leaves the others in a collective: torchrun and accelerate stop them at
+    # once; under other launchers this timeout ends the wait with an error
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=10))
     return device
 
 
@@ -83,8 +86,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"--set {name}: not a TrainConfig field ({', '.join(sorted(known))})")
         extra[name] = json.loads(value)
     device = _init_distributed(args.device)
-    config = arm_config(args.arm, num_updates=args.updates, prompts_per_update=args.prompts, device_batch=args.device_batch,
-                        seed=args.seed, device=device, checkpoint_path=args.checkpoint, **extra)
+    base = dict(num_updates=args.updates, prompts_per_update=args.prompts, device_batch=args.device_batch, seed=args.seed,
+                device=device, checkpoint_path=args.checkpoint)
+    config = arm_config(args.arm, **{**base, **extra})
     history = train(config, _task(args.task))
     import torch.distributed as dist
 

@@ -3,8 +3,8 @@ r"""Noise that does not depend on batching: each trajectory's noise is a functio
 Trajectory g of the prompt at position p of update u draws its initial latent and every step's z
 from its own generator, seeded by a hash of (stream, seed, u, p, g). So its noise is the same whether
 it is sampled alone or among 96 others, before or after other trajectories are pruned, in one
-process or spread over several (which only need to agree on p: ``first_prompt`` offsets a process's
-positions). ``per_update_generator`` derives the other random choices of an update (prompts, random
+process or spread over several (``draws_for`` draws any process's share of the keys; ``first_prompt``
+offsets the positions of a caller that gives a process a block of prompts). ``per_update_generator`` derives the other random choices of an update (prompts, random
 subsets, the mini-batch order) from (seed, u) the same way, so a run's randomness is a pure function
 of its seed and resuming needs no generator state.
 

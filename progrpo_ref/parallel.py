@@ -1,9 +1,9 @@
 r"""Data parallelism: one update's groups spread over W processes, every decision taken on the whole group.
 
-Layout. Every process holds a slice of every prompt's group: of the G_0 trajectories of prompt p, process
-r samples the indices [G_0 r / W, G_0 (r + 1) / W) (``Shards.share``), so a group spans processes and the
-work is balanced to one trajectory per prompt. A trajectory's noise depends only on (seed, update, p, g)
-(``noise.py``), so it is the same trajectory whichever process samples it.
+Layout. The P x G_0 trajectories of an update, listed prompt-major ((p, g) for p, then g), are cut into W
+contiguous slices, one per process (``Shards.share``): balanced to one trajectory, and a group may span
+processes. A trajectory's noise depends only on (seed, update, p, g) (``noise.py``), so it is the same
+trajectory whichever process samples it.
 
 Decisions. Preview rewards and final rewards are scalars: every process gathers all of them
 (``Shards.gather``), so the OVF decision at each checkpoint, the static selection and the advantages are
@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -42,12 +44,30 @@ class Shards:
 
     def __init__(self):
         self.active = dist.is_available() and dist.is_initialized()
+        if not self.active and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not initialised: call "
+                               "torch.distributed.init_process_group() (and torch.cuda.set_device) before train(), "
+                               "as python -m progrpo_ref train does; otherwise every process would train alone")
         self.world = dist.get_world_size() if self.active else 1
         self.rank = dist.get_rank() if self.active else 0
 
-    def share(self, group_size: int) -> range:
-        """The trajectory indices of every group that this process samples."""
-        return range(group_size * self.rank // self.world, group_size * (self.rank + 1) // self.world)
+    def share(self, prompts: int, group_size: int) -> torch.Tensor:
+        """The (p, g) keys ``[n, 2]`` this process samples: its slice of the prompt-major list of all P x G_0."""
+        keys = torch.stack(torch.meshgrid(torch.arange(prompts), torch.arange(group_size), indexing="ij"), -1).view(-1, 2)
+        n = len(keys)
+        return keys[n * self.rank // self.world: n * (self.rank + 1) // self.world]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def same_start(self, model: torch.nn.Module) -> None:
+        """Give every process rank 0's parameters and buffers (a policy built from an unseeded init would
+        otherwise differ between processes)."""
+        if self.world > 1:
+            with torch.no_grad():
+                for t in [*model.parameters(), *model.buffers()]:
+                    dist.broadcast(t.data, src=0)
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every process's ``t`` ``[n_r, ...]`` (n_r may differ, also be 0) in rank order."""
@@ -119,15 +139,14 @@ def collect_shard(model: Callable, task, config, update: int, generator: torch.G
     schedule, device = config.schedule, config.device
     prompts = task.sample_prompts(config.prompts_per_update, generator).to(device)
     P, G0 = len(prompts), schedule.group_sizes[0]
-    mine = torch.tensor(list(shards.share(G0)), dtype=torch.long)
-    keys = torch.stack(torch.meshgrid(torch.arange(P), mine, indexing="ij"), -1).view(-1, 2)  # [P * |mine|, 2]
+    keys = shards.share(P, G0)  # [n, 2]: this process's (prompt position, index) pairs
     order = torch.arange(G0).repeat(P, 1)  # canonical order of each group's live trajectories [P, g]
     records = []
 
     def prune(c, x0_hat, c_prompts, live_keys):
         nonlocal order
         proxy = task.reward(x0_hat, c_prompts) if len(x0_hat) else x0_hat.new_zeros(0)
-        table = _table(shards.gather(live_keys.to(device)).cpu(), shards.gather(proxy.float()), P, G0)
+        table = _table(shards.gather(live_keys.to(device)).cpu(), shards.gather(proxy.float().to(device)), P, G0)
         R = table.gather(1, order).float()  # [P, G_i] in canonical order
         k = schedule.group_sizes[schedule.prune_steps.index(c) + 1]
         keep = select_subset(R, k, config.prune_strategy, generator)  # the same on every process
@@ -138,7 +157,7 @@ def collect_shard(model: Callable, task, config, update: int, generator: torch.G
     flat = rollout_flat(model, config.sampler, prompts[keys[:, 0]].to(device), keys, TrajectoryNoise(config.seed, update),
                         schedule.prune_steps, prune if len(schedule.group_sizes) > 1 else None, latent_shape=task.latent_shape)
     local_R = task.reward(flat.latents[:, -1], flat.prompts) if len(flat.keys) else flat.latents.new_zeros(0)
-    R = _table(shards.gather(flat.keys.to(device)).cpu(), shards.gather(local_R.float()), P, G0).gather(1, order).float()
+    R = _table(shards.gather(flat.keys.to(device)).cpu(), shards.gather(local_R.float().to(device)), P, G0).gather(1, order).float()
     if config.selection != "all":
         keep = select_subset(R, config.select_k, config.selection, generator)
         order, R = order.gather(1, keep), R.gather(1, keep)
@@ -179,12 +198,15 @@ def optimise_shard(model, reference, optimizer, shard: Shard, advantages: torch.
             sums += torch.tensor([out.loss.item(), out.kl, clipped, 0.0], dtype=torch.float64)
             sums[3] = max(sums[3].item(), out.max_abs_log_ratio)
         if shards.world > 1:  # one all_reduce of all gradients, flattened
+            has = shards.max_(torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device))
             for p in params:  # a process with no member of this mini-batch adds zeros to the sum
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             flat = shards.sum_(torch.cat([p.grad.flatten() for p in params]))
-            for p, g in zip(params, flat.split([p.numel() for p in params])):
+            for p, g, any_grad in zip(params, flat.split([p.numel() for p in params]), has.tolist()):
                 p.grad.copy_(g.view_as(p))
+                if not any_grad:  # no process produced one: leave it out of the step, as a single process would
+                    p.grad = None
         totals = shards.sum_(sums[:3].clone().to(device)).cpu()
         dev = shards.max_(sums[3:].clone().to(device)).cpu()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

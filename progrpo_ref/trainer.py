@@ -14,8 +14,8 @@
 The flow arms sample with ``FlowSDE``; the two diffusion arms with ``DDIM(20, eta=1)`` (DDPO's sampler)
 on the default DDPM schedule, the one the digits' diffusion model was trained on.
 
-Per update (``collect`` then ``optimise``): P prompts from the task, a rollout (``rollout`` or
-``expand_and_prune``) with the config's sampler, final rewards, an optional static selection
+Per update (``collect`` then ``optimise``, in ``parallel.py``): P prompts from the task, a rollout (plain,
+or Expand-and-Prune as in ``pro_grpo.expand_and_prune``) with the config's sampler, final rewards, an optional static selection
 (``select_subset``), group advantages over the trained group, then ``num_minibatches`` optimizer
 steps of ``grpo_objective``. The task's evaluation (every ``eval_every`` updates) is independent of
 selection. ``train(config, task)`` runs it all, with a progress bar, a history and exact resume, in one
@@ -245,7 +245,7 @@ def batch_arithmetic(config: TrainConfig, world: int) -> str:
     """The batch sizes of one update, as the trainer prints them at the start of a run."""
     s, P = config.schedule, config.prompts_per_update
     G0, K = s.group_sizes[0], config.trained_group_size
-    per_rank = [len(range(G0 * r // world, G0 * (r + 1) // world)) * P for r in range(world)]
+    per_rank = [P * G0 * (r + 1) // world - P * G0 * r // world for r in range(world)]
     mb = P * K / config.num_minibatches
     passes = f"passes of at most {config.device_batch} trajectories" if config.device_batch else "one pass per process"
     return (f"{P} prompts x G = {G0} = {P * G0} trajectories per update over {world} process(es) "
@@ -276,10 +276,11 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
     trainable = [p for p in model.parameters() if p.requires_grad]  # e.g. only a LoRA adapter's
     if not trainable:
         raise ValueError(f"the policy {type(model).__name__} has no parameter with requires_grad=True")
+    shards = Shards()  # the processes of this run: one unless torch.distributed is initialised
+    shards.same_start(model)
     reference = task.reference(model, dev) if config.beta > 0 else None
     optimizer = torch.optim.Adam(trainable, lr=config.lr)
     counter = NFECounter(model)
-    shards = Shards()  # the processes of this run: one unless torch.distributed is initialised
     history = {"config": config.to_dict(), "task": task.describe(), "updates": [], "evals": []}
     start = 0
     lead = shards.rank == 0  # evaluates, saves checkpoints and shows progress
@@ -292,7 +293,7 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         history["updates"], history["evals"] = ckpt["state"]["updates"], ckpt["state"]["evals"]
-        start = len(history["updates"])
+        start = shards.broadcast(len(history["updates"]))  # every process resumes where the first does
         if config.num_updates < start:
             raise ValueError(f"num_updates={config.num_updates} is fewer than the {start} updates in {config.checkpoint_path}")
         if start < config.num_updates and history["evals"] and history["evals"][-1]["update"] % config.eval_every:
@@ -339,6 +340,8 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
             # the RNG state: every update's randomness is a function of (seed, update), see noise.py
             rng = {"seed": config.seed, "next_update": u + 2, "scheme": "noise.derive_seed(stream, seed, update, ...)"}
             save_training_checkpoint(config.checkpoint_path, model, optimizer, {**history, "rng": rng})
+        if config.checkpoint_path:
+            shards.barrier()  # no process reads or overwrites it before it is complete
     return history
 
 

@@ -4,7 +4,8 @@ several (``python -m torch.distributed.run --standalone --nproc_per_node 2 tests
 Writes (rank 0) what the equivalence test compares: every trajectory sampled (gathered from all processes,
 by key), the pruning decisions, the advantages, the first mini-batch's max |log r| and the updated weights.
 
-    dist_worker.py OUT.pt PROMPTS GROUP_SIZES PRUNE_STEPS SEED [--crash-rank R]
+    dist_worker.py OUT.pt PROMPTS GROUP_SIZES PRUNE_STEPS SEED [--crash-rank R] [--device-batch B]
+                   [--strategy ovf|random|...] [--selection all|ovf|random|...]
 """
 import argparse
 import os
@@ -23,6 +24,8 @@ def main():
     ap.add_argument("seed", type=int)
     ap.add_argument("--crash-rank", type=int, default=-1)
     ap.add_argument("--device-batch", type=int, default=0)
+    ap.add_argument("--strategy", default="ovf", help="how Expand-and-Prune picks survivors")
+    ap.add_argument("--selection", default="all", help="static selection after the final reward (select_k = 2)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if "WORLD_SIZE" in os.environ:
@@ -42,7 +45,8 @@ def main():
     sizes = tuple(int(g) for g in args.group_sizes.split(","))
     steps = () if args.prune_steps == "-" else tuple(int(c) for c in args.prune_steps.split(","))
     cfg = arm_config("standard", schedule=PruneSchedule(sizes, steps, 10), prompts_per_update=args.prompts, seed=args.seed,
-                     num_minibatches=2, beta=0.01, device_batch=args.device_batch, progress=False)
+                     num_minibatches=2, beta=0.01, device_batch=args.device_batch, prune_strategy=args.strategy,
+                     selection=args.selection, select_k=2, progress=False)
     task = DigitsTask(eval_per_class=1, eval_group=2)
     model = task.policy()
     reference = task.reference(model)

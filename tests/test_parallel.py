@@ -53,18 +53,18 @@ def assert_same_update(one, two):
         assert r["stats"]["ratio_dev_first"] <= 1e-5
 
 
-@pytest.mark.parametrize("prompts, sizes, steps, device_batch", [
-    (2, "8,6,4", "5,7", 0),  # Expand-and-Prune, each group split 4 / 4
-    (3, "7", "-", 0),  # uneven: 3 prompts x G = 7, split 4 / 3 per prompt
-    (3, "7,5", "6", 3),  # uneven and pruned, passes of at most 3 trajectories
+@pytest.mark.parametrize("prompts, sizes, steps, extra", [
+    (2, "8,6,4", "5,7", []),  # Expand-and-Prune; the 16 trajectories split 8 / 8, one group each
+    (3, "7", "-", []),  # uneven: 3 prompts x G = 7 = 21, split 10 / 11, the second group spans both
+    (3, "7,5", "6", ["--device-batch", 3]),  # uneven and pruned, passes of at most 3 trajectories
+    (2, "8,6,4", "5,7", ["--strategy", "random", "--selection", "ovf"]),  # random prunes, then static OVF 2 of 4
 ])
-def test_two_processes_make_the_update_of_one(tmp_path, prompts, sizes, steps, device_batch):
-    one, two = one_and_two(tmp_path, prompts, sizes, steps, 0, "--device-batch", device_batch)
+def test_two_processes_make_the_update_of_one(tmp_path, prompts, sizes, steps, extra):
+    one, two = one_and_two(tmp_path, prompts, sizes, steps, 0, *extra)
     assert_same_update(one, two)
-    G0 = int(sizes.split(",")[0])
-    assert one["held"].tolist() == [prompts * int(sizes.split(",")[-1])]
-    assert sum(two["held"].tolist()) == one["held"].item() and len(two["held"]) == 2
-    assert two["latents"].shape[0] == prompts * int(sizes.split(",")[-1]) and G0 > 0
+    trained = prompts * (2 if "--selection" in extra else int(sizes.split(",")[-1]))
+    assert one["held"].tolist() == [trained] and one["latents"].shape[0] == trained
+    assert sum(two["held"].tolist()) == trained and len(two["held"]) == 2
 
 
 def test_a_process_left_without_survivors_still_takes_part(tmp_path):
