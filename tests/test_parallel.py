@@ -123,3 +123,28 @@ def test_the_command_line_trains_the_same_under_each_launcher(tmp_path):
         assert h["updates"][0]["nfe_per_prompt"] == 324  # NFE summed over processes
         assert h["updates"][0]["reward_mean"] == pytest.approx(base["updates"][0]["reward_mean"], abs=1e-5), name
         assert h["evals"][-1]["eval_margin"] == pytest.approx(base["evals"][-1]["eval_margin"], abs=1e-4), name
+
+
+@pytest.mark.parametrize("arm", ["standard", "flash"])
+def test_the_trainers_path_is_expand_and_prune_in_one_process(arm):
+    """Training goes through parallel.collect_shard; the notebooks' analyses call pro_grpo.expand_and_prune.
+    In one process the two must be the same computation, bit for bit."""
+    from progrpo_ref.digits import DigitsTask
+    from progrpo_ref.noise import TrajectoryNoise, per_update_generator
+    from progrpo_ref.pro_grpo import expand_and_prune
+    from progrpo_ref.trainer import arm_config, collect
+
+    task = DigitsTask(eval_per_class=1, eval_group=2)
+    model = task.policy()
+    cfg = arm_config(arm, prompts_per_update=2, seed=3, progress=False)
+    shard = collect(model, task, cfg, 1, per_update_generator(3, 1))
+    gen = per_update_generator(3, 1)
+    prompts = task.sample_prompts(2, gen)
+    ro = expand_and_prune(model, cfg.sampler, prompts, cfg.schedule, task.reward, TrajectoryNoise(3, 1), "ovf", gen,
+                          latent_shape=task.latent_shape)
+    assert [p["step"] for p in ro.previews] == [p["step"] for p in shard.previews] == list(cfg.schedule.prune_steps)
+    assert all(torch.equal(a["keep"], b["keep"]) and torch.equal(a["rewards"], b["rewards"])
+               for a, b in zip(ro.previews, shard.previews))
+    assert torch.equal(ro.latents.flatten(0, 1), shard.rollout.latents)
+    assert torch.equal(ro.log_probs.flatten(0, 1), shard.rollout.log_probs)
+    assert torch.equal(ro.final_rewards(task.reward), shard.rewards)
