@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     t.add_argument("--arm", default="flow_grpo", choices=sorted(ARMS))
     t.add_argument("--updates", type=int, default=TrainConfig.num_updates)
     t.add_argument("--prompts", type=int, default=TrainConfig.prompts_per_update, help="prompts per update (all processes)")
-    t.add_argument("--device-batch", type=int, default=0, help="trajectories per pass and process (0: no split)")
+    t.add_argument("--device-batch", type=int, default=0,
+                   help="at most this many trajectories per network call, reward call and backward pass, per process (0: no limit)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu", help="cpu or cuda (each process takes cuda:LOCAL_RANK)")
     t.add_argument("--history", help="write the history here (JSON, first process only)")

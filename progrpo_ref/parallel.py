@@ -16,7 +16,8 @@ split, which decides the larger sampling cost, is already balanced.
 
 Optimisation. One global mini-batch permutation of the P x K trained trajectories (the same generator on
 every process); each process computes the objective on its own members of a mini-batch, in passes of at
-most ``device_batch`` trajectories (gradient accumulation), normalised by the *global* count of the
+most ``device_batch`` trajectories (gradient accumulation; the sampling's network and reward calls are
+split the same way), normalised by the *global* count of the
 mini-batch, and the gradients are summed over processes (``all_reduce``) before the optimizer step. So the
 gradient equals a single process's on the whole mini-batch, and every process takes the same step.
 
@@ -143,9 +144,15 @@ def collect_shard(model: Callable, task, config, update: int, generator: torch.G
     order = torch.arange(G0).repeat(P, 1)  # canonical order of each group's live trajectories [P, g]
     records = []
 
+    def reward(images, image_prompts):  # in calls of at most device_batch images, like the network
+        if len(images) == 0:
+            return images.new_zeros(0)
+        n = config.device_batch or len(images)
+        return torch.cat([task.reward(x, c) for x, c in zip(images.split(n), image_prompts.split(n))])
+
     def prune(c, x0_hat, c_prompts, live_keys):
         nonlocal order
-        proxy = task.reward(x0_hat, c_prompts) if len(x0_hat) else x0_hat.new_zeros(0)
+        proxy = reward(x0_hat, c_prompts)
         table = _table(shards.gather(live_keys.to(device)).cpu(), shards.gather(proxy.float().to(device)), P, G0)
         R = table.gather(1, order).float()  # [P, G_i] in canonical order
         k = schedule.group_sizes[schedule.prune_steps.index(c) + 1]
@@ -155,8 +162,9 @@ def collect_shard(model: Callable, task, config, update: int, generator: torch.G
         return _local_in_order(live_keys, order, G0)
 
     flat = rollout_flat(model, config.sampler, prompts[keys[:, 0]].to(device), keys, TrajectoryNoise(config.seed, update),
-                        schedule.prune_steps, prune if len(schedule.group_sizes) > 1 else None, latent_shape=task.latent_shape)
-    local_R = task.reward(flat.latents[:, -1], flat.prompts) if len(flat.keys) else flat.latents.new_zeros(0)
+                        schedule.prune_steps, prune if len(schedule.group_sizes) > 1 else None, latent_shape=task.latent_shape,
+                        max_batch=config.device_batch)
+    local_R = reward(flat.latents[:, -1], flat.prompts)
     R = _table(shards.gather(flat.keys.to(device)).cpu(), shards.gather(local_R.float().to(device)), P, G0).gather(1, order).float()
     if config.selection != "all":
         keep = select_subset(R, config.select_k, config.selection, generator)

@@ -109,9 +109,10 @@ def rollout_flat(
     on_preview: Callable | None = None,
     *,
     latent_shape: tuple[int, ...],
+    max_batch: int = 0,
 ) -> FlatRollout:
     """Sample the trajectories ``keys`` ``[n, 2]`` (prompt position, index) with prompt ids ``prompts`` ``[n]``,
-    in one batch per step. ``on_preview(c, x0_hat [n_live, C, H, W], prompts [n_live], keys [n_live, 2])`` may
+    in one batch per step, or in network calls of at most ``max_batch`` (0: no limit; NFE is the same). ``on_preview(c, x0_hat [n_live, C, H, W], prompts [n_live], keys [n_live, 2])`` may
     return the indices of the live trajectories to keep (in that order). A process with no live trajectory
     still calls ``on_preview`` (a distributed prune is a collective call) but not the network."""
     noise = as_noise(noise)
@@ -126,7 +127,9 @@ def rollout_flat(
     states, log_probs = [x], []
     for i in range(T):
         if len(x):
-            out = counter(x, sampler.model_time(i).to(device).expand(len(x)), c)
+            t = sampler.model_time(i).to(device)
+            out = torch.cat([counter(xs, t.expand(len(xs)), cs)
+                             for xs, cs in zip(x.split(max_batch or len(x)), c.split(max_batch or len(x)))])
         else:
             out = torch.zeros_like(x)
         if (i + 1) in preview_steps and on_preview is not None:

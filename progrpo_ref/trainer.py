@@ -92,9 +92,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """gradient-norm clip"""
     device_batch: int = 0
-    """at most this many trajectories per forward/backward pass of the optimisation, per process (gradient
-    accumulation; the mini-batches and the gradient do not change); 0: each process's share of a mini-batch
-    in one pass"""
+    """at most this many trajectories per network or reward call in sampling and per forward/backward pass
+    in the optimisation, per process (gradient accumulation: the mini-batches, the NFE and the gradient do
+    not change); 0: no limit"""
     eval_every: int = 10
     """evaluate before the first update and after every eval_every updates (and at the end)"""
     cluster_delta: float = 0.5
@@ -247,7 +247,8 @@ def batch_arithmetic(config: TrainConfig, world: int) -> str:
     G0, K = s.group_sizes[0], config.trained_group_size
     per_rank = [P * G0 * (r + 1) // world - P * G0 * r // world for r in range(world)]
     mb = P * K / config.num_minibatches
-    passes = f"passes of at most {config.device_batch} trajectories" if config.device_batch else "one pass per process"
+    passes = (f"calls and passes of at most {config.device_batch} trajectories" if config.device_batch
+              else "one pass per process")
     return (f"{P} prompts x G = {G0} = {P * G0} trajectories per update over {world} process(es) "
             f"({' / '.join(map(str, per_rank))} each); {P} x {K} = {P * K} trained, in {config.num_minibatches} "
             f"mini-batches of about {mb:.1f} (one global permutation; {passes}); "

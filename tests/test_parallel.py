@@ -148,3 +148,17 @@ def test_the_trainers_path_is_expand_and_prune_in_one_process(arm):
     assert torch.equal(ro.latents.flatten(0, 1), shard.rollout.latents)
     assert torch.equal(ro.log_probs.flatten(0, 1), shard.rollout.log_probs)
     assert torch.equal(ro.final_rewards(task.reward), shard.rewards)
+
+
+def test_device_batch_splits_network_calls_without_changing_the_count(flow_model):
+    from progrpo_ref.rollout import NFECounter, rollout_flat
+    from progrpo_ref.samplers import FlowSDE
+
+    keys = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(7), indexing="ij"), -1).view(-1, 2)
+    prompts = torch.tensor([3, 8])[keys[:, 0]]
+    runs = {}
+    for max_batch in (0, 5):
+        counter = NFECounter(flow_model)
+        runs[max_batch] = rollout_flat(counter, FlowSDE(10), prompts, keys, 4, latent_shape=(1, 8, 8), max_batch=max_batch)
+        assert counter.nfe == 14 * 10 and counter.calls == 10 * (1 if max_batch == 0 else 3)  # 14 = 5 + 5 + 4
+    assert (runs[0].latents - runs[5].latents).abs().max() <= 1e-5  # only the batch composition differs
