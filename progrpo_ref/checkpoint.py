@@ -1,6 +1,7 @@
 """Training checkpoints: tensors in safetensors, everything else as JSON in its metadata, written atomically.
 
-One file holds the policy's weights (``model/<name>``), the optimizer's tensors
+One file holds the policy's weights (``model/<name>``; only the trainable ones when some are frozen,
+e.g. a LoRA adapter's, see ``policy_state``), the optimizer's tensors
 (``optimizer/<param index>/<name>``, e.g. Adam's moments), and, as JSON strings in the safetensors
 header, the optimizer's hyperparameters and the trainer's state (config, task, history, RNG state).
 The file is written to a temporary name in the same folder and renamed over the target, so an
@@ -26,7 +27,7 @@ def save_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in policy_state(model).items()}
     opt = optimizer.state_dict()
     opt_json = {"param_groups": opt["param_groups"], "scalars": {}}
     for idx, values in opt["state"].items():
@@ -45,6 +46,31 @@ def save_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def policy_state(model: torch.nn.Module) -> dict:
+    """What a checkpoint keeps of the policy: its whole ``state_dict`` when every parameter is trained;
+    otherwise (a LoRA adapter on a frozen network) only the trainable parameters, by name."""
+    params = dict(model.named_parameters())
+    trainable = {k: p for k, p in params.items() if p.requires_grad}
+    return model.state_dict() if len(trainable) == len(params) else trainable
+
+
+def load_policy_state(model: torch.nn.Module, state: dict) -> None:
+    """The inverse of ``policy_state``: load a whole state_dict, or exactly the trainable parameters
+    (``ValueError`` naming the difference if the checkpoint holds another set)."""
+    params = dict(model.named_parameters())
+    trainable = {k for k, p in params.items() if p.requires_grad}
+    if len(trainable) == len(params):
+        model.load_state_dict(state)
+        return
+    if set(state) != trainable:
+        missing, extra = sorted(trainable - set(state)), sorted(set(state) - trainable)
+        raise ValueError(f"the checkpoint's policy tensors are not this policy's trainable parameters: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
 
 
 def load_training_checkpoint(path: str | Path) -> dict:

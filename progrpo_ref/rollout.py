@@ -27,7 +27,9 @@ from .samplers import Sampler
 
 
 class NFECounter(torch.nn.Module):
-    """Wraps a model and counts network evaluations: one per sample per forward call."""
+    """Wraps a model and counts network evaluations: one per sample per forward call, times the
+    model's ``passes_per_sample`` if it has one (2 for a classifier-free-guided model, whose
+    conditional and unconditional rows are both network passes, run as one batched call)."""
 
     def __init__(self, model: Callable):
         super().__init__()
@@ -36,7 +38,7 @@ class NFECounter(torch.nn.Module):
         self.calls = 0  # batched forward calls
 
     def forward(self, x, t, prompts):
-        self.nfe += x.shape[0]
+        self.nfe += x.shape[0] * getattr(self.model, "passes_per_sample", 1)
         self.calls += 1
         return self.model(x, t, prompts)
 

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_training_checkpoint, save_training_checkpoint
+from .checkpoint import load_policy_state, load_training_checkpoint, save_training_checkpoint
 from .grpo import group_advantages
 from .noise import per_update_generator
 from .ovf import STRATEGIES
@@ -44,7 +44,7 @@ from .rollout import NFECounter
 from .samplers import DDIM, FlowSDE, Sampler, sampler_from_dict, sampler_to_dict
 from .task import check_task
 
-TIMING_KEYS = ("sampling_s", "optimisation_s", "eval_s")
+TIMING_KEYS = ("sampling_s", "optimisation_s", "eval_s", "task_decode_s", "task_reward_s")
 RESUMABLE_CHANGES = ("num_updates", "progress", "checkpoint_path", "checkpoint_every", "device_batch")  # may differ on resume
 
 
@@ -282,6 +282,7 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
     reference = task.reference(model, dev) if config.beta > 0 else None
     optimizer = torch.optim.Adam(trainable, lr=config.lr)
     counter = NFECounter(model)
+    task_costs = getattr(task, "costs", {})  # optional: counts a task keeps of its own work (decodes, reward calls)
     history = {"config": config.to_dict(), "task": task.describe(), "updates": [], "evals": []}
     start = 0
     lead = shards.rank == 0  # evaluates, saves checkpoints and shows progress
@@ -291,7 +292,7 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
     if resume:
         ckpt = load_training_checkpoint(config.checkpoint_path)
         _check_resumable(ckpt["state"], history, config.checkpoint_path)
-        model.load_state_dict(ckpt["model"])
+        load_policy_state(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         history["updates"], history["evals"] = ckpt["state"]["updates"], ckpt["state"]["evals"]
         start = shards.broadcast(len(history["updates"]))  # every process resumes where the first does
@@ -312,6 +313,7 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
     for u in bar:
         t0 = time.perf_counter()
         counter.nfe = 0
+        costs_before = dict(task_costs)
         generator = per_update_generator(config.seed, u + 1)  # prompts, random subsets, mini-batch order
         shard = collect(counter, task, config, u + 1, generator, shards)
         R = shard.rewards  # [P, K], the whole groups' (the same on every process)
@@ -319,7 +321,8 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
         A = group_advantages(R, config.adv_eps, config.global_std, config.adv_clip)
         stats = optimise(model, reference, optimizer, shard, A, config, generator, shards)
         t2 = time.perf_counter()
-        nfe = shards.sum_(torch.tensor([counter.nfe], dtype=torch.float64, device=dev)).item()  # over processes
+        counted = [counter.nfe, *(task_costs[k] - costs_before[k] for k in task_costs)]
+        nfe, *cost_sums = shards.sum_(torch.tensor(counted, dtype=torch.float64, device=dev)).tolist()  # over processes
         seconds = shards.max_(torch.tensor([t1 - t0, t2 - t1], dtype=torch.float64, device=dev)).tolist()  # the slowest
         within_std = R.std(1, unbiased=False)
         history["updates"].append({
@@ -333,6 +336,7 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
             "sampling_s": seconds[0],
             "optimisation_s": seconds[1],
             **stats,
+            **{f"task_{k}": v for k, v in zip(task_costs, cost_sums)},  # e.g. VAE decodes, reward calls and their seconds
         })
         if (u + 1) % config.eval_every == 0 or u + 1 == config.num_updates:
             run_eval(u + 1)

@@ -149,7 +149,7 @@ def test_config_round_trips_through_json():
     c = arm_config("standard", beta=0.01)
     d = json.loads(json.dumps(c.to_dict()))
     assert d["schedule"] == {"group_sizes": [48, 24, 12], "prune_steps": [5, 7], "num_steps": 10}
-    assert d["sampler"] == {"family": "FlowSDE", "num_steps": 10, "noise_level": 0.7, "shift": 1.0}
+    assert d["sampler"] == {"family": "FlowSDE", "num_steps": 10, "noise_level": 0.7, "shift": 1.0, "grid": None}
     assert TrainConfig(**d) == c  # rebuilt from JSON: schedule and sampler included
     with pytest.raises(ValueError, match="sampler family 'DPMSolver' is unknown"):
         TrainConfig(**{**d, "sampler": {"family": "DPMSolver", "num_steps": 10}})

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Sampler, SamplerStep, check_pair, gaussian_step, per_sample
-from .flow_sde import FlowSchedule, flow_sigmas
+from .flow_sde import FlowSchedule
 
 
 def cps_step_with_logprob(
@@ -95,9 +95,11 @@ class FlowCPS(FlowSchedule, Sampler):
     """a in [0, 1]: the fresh-noise share, s = sigma' sin(a pi / 2) (Flow-GRPO suggests 0.8)"""
     shift: float = 1.0
     """time shift of the schedule (SD3 uses 3.0); 1 is the uniform grid"""
+    grid: tuple[float, ...] | None = None
+    """explicit sigma_0 .. sigma_{T-1} (0 is appended), e.g. a pipeline's (``from_scheduler``)"""
 
     def __post_init__(self):
-        flow_sigmas(self.num_steps, self.shift)
+        self._check_schedule()
         _check_level(self.noise_level)
         if self.noise_level > 0 and self.num_steps < 2:
             raise ValueError(f"num_steps={self.num_steps} leaves CPS no stochastic step (its last step is "

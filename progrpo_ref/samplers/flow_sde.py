@@ -20,8 +20,12 @@ on the first step: ``docs/derivations.md``.
 
 The schedule: sigma_i = shift u_i / (1 + (shift - 1) u_i) on the uniform grid u = 1, (T-1)/T, ..., 1/T,
 then 0 (what diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=u)`` gives; tested
-against it). diffusers' own ``set_timesteps(T)`` grid ends in a near-deterministic 0.001 -> 0 step
-whose SDE log-probs are extreme, which is why the grid is explicit.
+against it). diffusers' own ``set_timesteps(T)`` grid ends in a near-deterministic step to 0 (0.009 -> 0 with shift 3)
+whose SDE log-probs are extreme, which is why the grid is explicit. A real pipeline's own grid can be
+used instead: ``FlowSDE.from_scheduler(pipe.scheduler, T)`` copies the sigmas its scheduler would
+sample with (SD3.5-Medium's ``set_timesteps(10)`` with shift 3: 1.000, 0.960, 0.913, ..., 0.790 at the
+fifth call, 0.602 at the seventh, ..., 0.278, 0.009, then 0; Flow-GRPO samples on this grid and trains on
+the first 9 steps, which skips the near-deterministic last one).
 """
 from __future__ import annotations
 
@@ -111,16 +115,51 @@ def _first(t: torch.Tensor, bad: torch.Tensor) -> str:
 
 class FlowSchedule:
     """What the flow samplers share (``FlowSDE``, ``FlowCPS``): the sigma schedule of ``num_steps`` and
-    ``shift``, sigma_i as the model time, and the preview x0_hat = x - sigma_i v. A mixin for frozen
-    dataclasses with those two fields."""
+    ``shift`` (or an explicit ``grid``), sigma_i as the model time, and the preview x0_hat = x - sigma_i v.
+    A mixin for frozen dataclasses with those fields."""
 
     num_steps: int
     shift: float
+    grid: tuple[float, ...] | None
 
     @cached_property
     def sigmas(self) -> torch.Tensor:
-        """sigma_0 = 1 > sigma_1 > ... > sigma_T = 0, ``[T + 1]`` fp32 (``flow_sigmas``)."""
+        """sigma_0 > sigma_1 > ... > sigma_T = 0, ``[T + 1]`` fp32: ``flow_sigmas`` (sigma_0 = 1), or
+        ``grid`` followed by 0."""
+        if self.grid is not None:
+            return torch.cat([torch.tensor(self.grid, dtype=torch.float32), torch.zeros(1)])
         return flow_sigmas(self.num_steps, self.shift)
+
+    def _check_schedule(self) -> None:
+        """Validate num_steps and shift, and ``grid`` if given (T values in (0, 1], strictly decreasing)."""
+        flow_sigmas(self.num_steps, self.shift)
+        if self.grid is None:
+            return
+        try:
+            grid = tuple(float(g) for g in self.grid)
+        except (TypeError, ValueError):
+            raise ValueError(f"grid={self.grid!r} must be a sequence of floats") from None
+        object.__setattr__(self, "grid", grid)  # a list read back from JSON becomes a tuple (hashable)
+        if len(grid) != self.num_steps:
+            raise ValueError(f"grid has {len(grid)} sigmas but num_steps={self.num_steps}")
+        if not all(0 < g <= 1 for g in grid) or any(b >= a for a, b in zip(grid, grid[1:])):
+            raise ValueError(f"grid={grid} must be strictly decreasing values in (0, 1] (0 is appended)")
+
+    @classmethod
+    def from_scheduler(cls, scheduler, num_steps: int = 10, **fields):
+        """This sampler on the grid a diffusers flow scheduler (``FlowMatchEulerDiscreteScheduler``)
+        samples with in ``set_timesteps(num_steps)``; the pipeline's scheduler is not modified."""
+        config = dict(scheduler.config)
+        if config.get("use_dynamic_shifting"):
+            raise ValueError("this scheduler shifts its sigmas by resolution (use_dynamic_shifting=True, e.g. FLUX); "
+                             "compute the sigmas yourself and pass grid=...")
+        copy = type(scheduler).from_config(config)
+        copy.set_timesteps(num_steps)
+        sigmas = copy.sigmas.detach().float().cpu()
+        if len(sigmas) != num_steps + 1 or sigmas[-1] != 0:
+            raise ValueError(f"the scheduler gave {len(sigmas)} sigmas ending in {sigmas[-1].item():.4g}; "
+                             f"expected {num_steps} followed by 0")
+        return cls(num_steps=num_steps, shift=float(config.get("shift", 1.0)), grid=tuple(sigmas[:-1].tolist()), **fields)
 
     def model_time(self, i: int) -> torch.Tensor:
         """sigma_i: the model maps it to its network's timestep (sigma x 1000 for SD3)."""
@@ -148,9 +187,11 @@ class FlowSDE(FlowSchedule, Sampler):
     """a: Flow-GRPO's noise level (its default 0.7); 0 gives the deterministic ODE sampler"""
     shift: float = 1.0
     """time shift of the schedule (SD3 uses 3.0); 1 is the uniform grid"""
+    grid: tuple[float, ...] | None = None
+    """explicit sigma_0 .. sigma_{T-1} (0 is appended), e.g. a pipeline's (``from_scheduler``); replaces the shifted uniform grid"""
 
     def __post_init__(self):
-        flow_sigmas(self.num_steps, self.shift)  # validates both
+        self._check_schedule()
         _check_level(self.noise_level)
 
     @property
