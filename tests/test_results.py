@@ -18,7 +18,8 @@ NUMBER = re.compile(r"(?<![\w.])[-+]?\d+\.\d+%?")
 
 def test_readme_sections_are_generated_from_the_results_files():
     text = results.README.read_text()
-    secs = results.sections(json.loads(results.RESULTS.read_text()), json.loads(results.BENCH.read_text()))
+    gpu = json.loads(results.GPU.read_text()) if results.GPU.exists() else None
+    secs = results.sections(json.loads(results.RESULTS.read_text()), json.loads(results.BENCH.read_text()), gpu)
     assert results.regenerate(text, secs) == text, "run python -m progrpo_ref.study.results (make reproduce does)"
     assert results.main(["--check"]) == 0
 

@@ -119,8 +119,8 @@ def mean_cost(histories: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- sanity checks readers should know
 @torch.no_grad()
-def preview_images(model, sampler, prompts, steps, seed=0) -> dict:
-    """One trajectory per prompt ``[P]``: its preview x0_hat ``[P, 1, 8, 8]`` after each network
+def preview_images(model, sampler, prompts, steps, seed=0, latent_shape=IMAGE_SHAPE) -> dict:
+    """One trajectory per prompt ``[P]``: its preview x0_hat ``[P, *latent_shape]`` after each network
     call in ``steps``, and (key ``"final"``) the finished sample."""
     previews = {}
 
@@ -128,7 +128,7 @@ def preview_images(model, sampler, prompts, steps, seed=0) -> dict:
         previews[c] = x0_hat[:, 0].clone()
         return None
 
-    ro = rollout(model, sampler, prompts, 1, seed, preview_steps=tuple(steps), on_preview=keep_preview, latent_shape=IMAGE_SHAPE)
+    ro = rollout(model, sampler, prompts, 1, seed, preview_steps=tuple(steps), on_preview=keep_preview, latent_shape=latent_shape)
     previews["final"] = ro.images[:, 0]
     return previews
 

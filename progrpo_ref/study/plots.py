@@ -80,3 +80,18 @@ def plot_arms(ax, results: dict, key: str, x: str = "update", label_fmt: str = "
             ax.fill_between(xs, vals.min(0).values, vals.max(0).values, alpha=0.2, color=color)
     ax.grid(alpha=0.3)
     return ax
+
+
+def rgb_grid(images: torch.Tensor, ax, nrow: int, title: str | None = None):
+    """Show RGB images ``[N, 3, H, W]`` in [0, 1] as a grid with ``nrow`` per row (a pipeline's decoded samples)."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, _, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    canvas = torch.ones(3, rows * (h + 1) - 1, nrow * (w + 1) - 1)
+    for k, img in enumerate(images):
+        r, c = divmod(k, nrow)
+        canvas[:, r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = img
+    ax.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)

@@ -21,6 +21,7 @@ from .analysis import verdict
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "figures" / "results.json"
 BENCH = REPO / "figures" / "bench_cpu.json"
+GPU = REPO / "figures" / "gpu_pipeline.json"  # written by study.pipeline_bench render, when a GPU has run it
 README = REPO / "README.md"
 _QUICK = Path(tempfile.gettempdir()) / "progrpo_quick_results.json"
 
@@ -207,9 +208,33 @@ def render_bench(b: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def sections(results: dict, bench: list[dict]) -> dict:
+def render_gpu(gpu: list[dict] | None) -> str:
+    """The pipeline arms at SD3.5-Medium size: the FLOPs counted by ``pipeline_costs`` (no GPU needed), and the
+    GPU timings of ``pipeline_bench`` (``figures/gpu_pipeline.json``) once a GPU has run them."""
+    from .pipeline_bench import table
+    from .pipeline_costs import flop_table, per_pass_flops
+
+    pp = per_pass_flops(cfg=True, lora=True)
+    lines = ["FLOPs of one update per prompt at SD3.5-Medium size (512 px, guidance 4.5 so 2 rows per network pass, LoRA, "
+             "beta > 0, 9 of 10 steps trained), counted by `python -m progrpo_ref.study.pipeline_costs --beta 0.001`: "
+             "each network's FLOPs measured with `FlopCounterMode` on a model built on the `meta` device, times the "
+             "counts that follow from each arm's schedule.", "",
+             flop_table(beta=0.001, per_pass=pp), "",
+             f"Per sample: network forward {pp['network_forward'] / 1e12:.2f} TFLOPs and LoRA backward "
+             f"{pp['network_backward'] / 1e12:.2f} (2 rows), VAE decode at 512 px {pp['vae_decode'] / 1e12:.2f}, a "
+             f"PickScore-size reward call {pp['reward'] / 1e12:.2f}.", ""]
+    if gpu:
+        lines += ["Measured on a GPU by `python -m progrpo_ref.study.pipeline_bench run` (then `render`):", "", table(gpu)]
+    else:
+        lines.append("**GPU timings: not measured yet.** No GPU has run `python -m progrpo_ref.study.pipeline_bench run "
+                     "--device cuda --out DIR` for this project; its CPU rehearsal (1 layer, 64 px) is all that has run.")
+    return "\n".join(lines)
+
+
+def sections(results: dict, bench: list[dict], gpu: list[dict] | None = None) -> dict:
     return {"model": render_model(results), "rewards": render_rewards(results),
-            "findings": render_findings(results), "diffusion": render_diffusion(results), "bench": render_bench(bench)}
+            "findings": render_findings(results), "diffusion": render_diffusion(results), "bench": render_bench(bench),
+            "gpu": render_gpu(gpu)}
 
 
 def regenerate(readme: str, secs: dict) -> str:
@@ -227,7 +252,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 if the README's sections differ from the results")
     args = ap.parse_args(argv)
     text = README.read_text()
-    new = regenerate(text, sections(json.loads(RESULTS.read_text()), json.loads(BENCH.read_text())))
+    gpu = json.loads(GPU.read_text()) if GPU.exists() else None
+    new = regenerate(text, sections(json.loads(RESULTS.read_text()), json.loads(BENCH.read_text()), gpu))
     if args.check:
         if new != text:
             print("README.md's result sections differ from figures/results.json; run python -m progrpo_ref.study.results")
