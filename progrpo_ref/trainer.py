@@ -336,7 +336,7 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
             "sampling_s": seconds[0],
             "optimisation_s": seconds[1],
             **stats,
-            **{f"task_{k}": v for k, v in zip(task_costs, cost_sums)},  # e.g. VAE decodes, reward calls and their seconds
+            **{f"task_{k}": v for k, v in zip(task_costs, cost_sums)},  # e.g. decodes, reward calls, their seconds: summed over processes
         })
         if (u + 1) % config.eval_every == 0 or u + 1 == config.num_updates:
             run_eval(u + 1)

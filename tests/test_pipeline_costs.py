@@ -67,7 +67,6 @@ def test_sd35_per_pass_flops_and_the_table():
     assert rows["flow_grpo"][6] == "1.00x" and rows["flow_grpo"][1] == "240" and rows["standard"][1] == "324"
     ratios = {arm: float(r[6].rstrip("x")) for arm, r in rows.items()}
     assert 0.5 < ratios["flash"] < ratios["standard"] < 1.0
-    assert [rows[a][7] for a in ("flow_grpo", "standard", "flash")] == ["1.00x", "0.74x", "0.59x"]
 
 
 def test_the_default_trained_steps_is_flow_grpos():

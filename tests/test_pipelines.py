@@ -56,16 +56,19 @@ def row_counter(net):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_prompts_go_through_encode_prompt_and_shapes_fit(kind):
-    task = make_task(kind, guidance=3.0)
+    task = make_task(kind, guidance=3.0, encode_batch=3)  # the table is built in chunks of 3 prompts
     policy = task.policy()
     n = len(PROMPTS) + len(task.eval_prompts)
-    assert policy.cond_prompt_embeds.shape[0] == n and policy.uncond_prompt_embeds.shape[0] == n
+    assert policy.table["prompt_embeds"].shape[0] == n and policy.negative["prompt_embeds"].shape[0] == 1
     pipe = task.pipeline
-    if kind == "sd3":  # the pipeline's own encoding of one prompt, in isolation
-        direct = pipe.encode_prompt(PROMPTS[2], None, None, do_classifier_free_guidance=False, max_sequence_length=8)[0]
+    # the pipeline's own encoding of one prompt, in isolation, with its negative branch for guidance
+    if kind == "sd3":
+        direct, negative = pipe.encode_prompt(PROMPTS[4], None, None, do_classifier_free_guidance=True,
+                                              negative_prompt="", max_sequence_length=8)[:2]
     else:
-        direct = pipe.encode_prompt(PROMPTS[2], "cpu", 1, False)[0]
-    torch.testing.assert_close(policy.cond_prompt_embeds[2:3], direct, rtol=1e-5, atol=1e-6)
+        direct, negative = pipe.encode_prompt([PROMPTS[4]], "cpu", 1, True, [""])
+    torch.testing.assert_close(policy.table["prompt_embeds"][4:5], direct, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(policy.negative["prompt_embeds"], negative, rtol=1e-5, atol=1e-6)
     C, h, w = task.latent_shape
     assert (h, w) == (8, 8) and C == (16 if kind == "sd3" else 4)
     x = torch.randn(3, *task.latent_shape)
@@ -87,13 +90,9 @@ def test_guidance_is_both_branches_in_one_call_and_counts_two_nfe(kind):
         guided = policy(x, t, ids)
     assert seen == {"rows": 6, "calls": 1}
     handle.remove()
-    with torch.no_grad():  # each branch on its own, unbatched
-        policy.guidance_scale = 1.0
-        cond = policy(x, t, ids)
-        policy.register_buffer("cond_prompt_embeds", policy.uncond_prompt_embeds, persistent=False)
-        if kind == "sd3":
-            policy.register_buffer("cond_pooled_prompt_embeds", policy.uncond_pooled_prompt_embeds, persistent=False)
-        uncond = policy(x, t, ids)
+    with torch.no_grad():  # each branch on its own, in a separate call
+        cond = policy.call_net(x, t, policy.embeds(ids, "cpu"))
+        uncond = policy.call_net(x, t, policy.embeds(ids, "cpu", negative=True))
     torch.testing.assert_close(guided, uncond + w * (cond - uncond), rtol=1e-4, atol=1e-5)
 
 
@@ -147,7 +146,7 @@ def test_full_finetune_reference_is_a_frozen_copy():
     with torch.no_grad():
         ref_before = reference(x, t, ids)
     h = train(config(task, "sd", beta=0.1), task, model=policy)
-    assert h["updates"][0]["kl"] >= 0
+    assert h["updates"][0]["kl"] > 0  # the second mini-batch is off the reference
     with torch.no_grad():
         assert torch.equal(reference(x, t, ids), ref_before) and not torch.equal(policy(x, t, ids), ref_before)
 
@@ -264,8 +263,12 @@ def test_sd35_preset_previews_at_the_pipelines_sigmas(capsys):
     u = torch.linspace(1.0, shift(1e-3), 10, dtype=torch.float64)
     torch.testing.assert_close(config.sampler.sigmas[:-1].double(), shift(u), rtol=0, atol=1e-6)
     assert config.trained_steps == 9 and config.schedule.group_sizes == (48, 24, 12)
+    # and the sigmas the pipeline itself samples with when asked for 10 steps
+    task.pipeline(PROMPTS[:1], num_inference_steps=10, height=16, width=16, output_type="latent", max_sequence_length=8)
+    torch.testing.assert_close(config.sampler.sigmas, task.pipeline.scheduler.sigmas.float(), rtol=0, atol=1e-6)
     sd = sd14_config(make_task("sd"), "standard_sd14")
     assert sd.sampler.num_steps == 50 and "call 30" in capsys.readouterr().out
+    assert config.lr == 1e-5 and sd35_config(make_task("sd3", lora=LoRA(4, 8.0)), verbose=False).lr == 3e-4
 
 
 def test_clip_reward_matches_transformers_logits():
@@ -313,3 +316,48 @@ def test_bad_inputs_raise_naming_the_value():
     with pytest.raises(ValueError, match="rectified flow"):
         sd3 = make_task("sd3")
         train(TrainConfig(schedule=PruneSchedule((4,), (), 20), sampler=task.sampler(20), num_updates=1, progress=False), sd3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_pipeline_loaded_in_bf16(kind):
+    low = (tiny_sd3_pipeline() if kind == "sd3" else tiny_sd_pipeline()).to(torch.bfloat16)
+    kw = dict(max_sequence_length=8) if kind == "sd3" else {}
+    Task = SD3PipelineTask if kind == "sd3" else SDPipelineTask
+    with pytest.raises(ValueError, match="pass bf16=True"):
+        Task(low, PROMPTS, JpegCompressibility(), lora=LoRA(4, 8.0), **kw).policy()
+    task = Task(low, PROMPTS, JpegCompressibility(), guidance_scale=2.0, lora=LoRA(4, 8.0), bf16=True, **kw)
+    h = train(config(task, kind), task)
+    assert math.isfinite(h["updates"][0]["loss"]) and math.isfinite(h["evals"][-1]["eval_reward"])
+    full = Task((tiny_sd3_pipeline() if kind == "sd3" else tiny_sd_pipeline()).to(torch.bfloat16), PROMPTS,
+                JpegCompressibility(), bf16=True, **kw)
+    assert {p.dtype for p in full.policy().parameters()} == {torch.float32}  # a full fine-tune's weights for Adam
+
+
+def test_policy_twice_gives_the_same_fresh_adapter_and_host_embeddings_change_nothing():
+    task = make_task("sd3", guidance=2.0, lora=LoRA(4, 8.0))
+    first = {k: v.detach().clone() for k, v in task.policy().named_parameters() if v.requires_grad}
+    host = make_task("sd3", guidance=2.0, lora=LoRA(4, 8.0), embeddings_device="cpu", decode_batch=1)
+    second = host.policy()
+    assert {k: v for k, v in second.named_parameters() if v.requires_grad}.keys() == first.keys()
+    assert all(torch.equal(v, first[k]) for k, v in second.named_parameters() if v.requires_grad)
+    x, ids = torch.randn(3, *task.latent_shape), torch.tensor([4, 0, 2])
+    with torch.no_grad():
+        assert torch.equal(task.policy()(x, torch.full((3,), 0.5), ids), second(x, torch.full((3,), 0.5), ids))
+    # the evaluation's noise follows the prompt's position, not the micro-batch (decode_batch 8 vs 1)
+    sampler = task.sampler(4)
+    a, b = task.evaluate(task.policy(), sampler)["eval_reward"], host.evaluate(second, sampler)["eval_reward"]
+    assert abs(a - b) < 1e-4
+
+
+def test_the_flow_grid_is_checked():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from progrpo_ref.samplers import FlowSDE
+
+    with pytest.raises(ValueError, match="use_dynamic_shifting"):
+        FlowSDE.from_scheduler(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 10)
+    with pytest.raises(ValueError, match="grid has 2 sigmas but num_steps=3"):
+        FlowSDE(num_steps=3, grid=(1.0, 0.5))
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        FlowSDE(num_steps=3, grid=(1.0, 0.5, 0.6))
+    with pytest.warns(UserWarning, match="does not sample on the pipeline scheduler's sigmas"):
+        make_task("sd3").check_sampler(FlowSDE(10))

@@ -48,7 +48,7 @@ class JpegCompressibility:
 class ClipReward:
     """CLIP-style preference score (PickScore): ``logit_scale.exp() * <e_img, e_txt>`` of unit embeddings.
 
-    Images are resized (bicubic) to ``image_size`` and normalised with CLIP's mean and std in torch,
+    Images are resized (bicubic, antialiased; no centre crop, as the pipeline's images are square) to ``image_size`` and normalised with CLIP's mean and std in torch,
     prompts tokenised with ``tokenizer`` (padded to its maximum length)."""
 
     name = "clip_reward"
@@ -72,7 +72,7 @@ class ClipReward:
         check_images(images)
         device, dtype = next(self.model.parameters()).device, next(self.model.parameters()).dtype
         x = torch.nn.functional.interpolate(images.float(), size=(self.image_size, self.image_size), mode="bicubic",
-                                            align_corners=False).clamp(0, 1)
+                                            align_corners=False, antialias=True).clamp(0, 1)
         x = ((x - self.mean.to(x.device)) / self.std.to(x.device)).to(device, dtype)
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt").to(device)
         e_img = _features(self.model.get_image_features(pixel_values=x))

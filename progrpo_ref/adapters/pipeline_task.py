@@ -2,13 +2,15 @@ r"""A diffusers text-to-image pipeline as a ``Task``: ``train(config, SD3Pipelin
 
 What the trainer gets from a pipeline (see ``progrpo_ref.task`` for the seam):
 
-- prompts: the strings are encoded once, by the pipeline's own ``encode_prompt`` (and the negative
-  prompt, for guidance); the method passes integer ids into those embeddings ``[N, ...]``;
+- prompts: the strings are encoded once, by the pipeline's own ``encode_prompt``, in chunks of
+  ``encode_batch`` (and the negative prompt once, for guidance); the method passes integer ids into
+  that table ``[N, ...]``, kept on the training device or, for a large prompt set, on the host
+  (``embeddings_device="cpu"``: each network call moves only its rows);
 - the policy: the pipeline's network wrapped as ``model(x, t, prompts)`` (``denoiser.py``), with
   classifier-free guidance (both branches in one call, counted as 2 NFE), optionally a LoRA adapter
   (``lora.py``: only its A, B are trainable; the reference is the same network with it disabled),
   bf16 (the frozen weights stored in bf16 and the network run under bf16 autocast; the sampler's
-  math in fp32) and gradient checkpointing;
+  math in fp32) and gradient checkpointing; a full fine-tune (``lora=None``) trains fp32 weights;
 - the reward: latents (final samples and Expand-and-Prune's previews x0_hat) are decoded by the
   pipeline's VAE in micro-batches of ``decode_batch`` into RGB in [0, 1] and scored by
   ``reward_fn(images, prompt strings)`` (``image_rewards.py``); decodes, reward calls and their seconds
@@ -27,12 +29,13 @@ import copy
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from ..noise import TrajectoryNoise
-from ..rollout import sample
+from ..rollout import rollout_flat
 from ..samplers import DDIM, FlowCPS, FlowSDE, Sampler
 from .denoiser import Denoiser, SD3Denoiser, UNetDenoiser
 from .lora import SD3_TARGETS, UNET_TARGETS, AdapterDisabled, LoRA, add_lora
@@ -61,7 +64,13 @@ class PipelineTask:
     gradient_checkpointing: bool = False
     """recompute the network's activations in the backward pass (less memory, about 1/3 more time)"""
     decode_batch: int = 8
-    """VAE decodes and reward calls in micro-batches of at most this many images"""
+    """VAE decodes and reward calls (and the evaluation's sampling) in micro-batches of at most this many images"""
+    encode_batch: int = 64
+    """prompts per ``encode_prompt`` call when the table is built"""
+    embeddings_device: str | None = None
+    """where the prompt table lives: None, the training device; "cpu" for a large prompt set"""
+    offload_text_encoders: bool = False
+    """move the text encoders to the CPU once the prompts are encoded (SD3.5's T5 is about 9.5 GB in bf16)"""
     resolution: int | None = None
     """image side in pixels; None: the pipeline's default (network sample_size x VAE factor)"""
     eval_prompts: list[str] | None = None
@@ -86,8 +95,10 @@ class PipelineTask:
             raise ValueError(f"reward_fn must be callable (images, prompts) -> [B], got {type(self.reward_fn).__name__}")
         if not (isinstance(self.guidance_scale, (int, float)) and self.guidance_scale >= 1):
             raise ValueError(f"guidance_scale={self.guidance_scale!r} must be a number >= 1 (1: no guidance)")
-        if isinstance(self.decode_batch, bool) or not isinstance(self.decode_batch, int) or self.decode_batch < 1:
-            raise ValueError(f"decode_batch={self.decode_batch!r} must be an integer >= 1")
+        for name in ("decode_batch", "encode_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
         if self.lora is not None and not isinstance(self.lora, LoRA):
             raise ValueError(f"lora must be a LoRA(...) or None, got {type(self.lora).__name__}")
         if not hasattr(self.pipeline, self.component) or not hasattr(self.pipeline, "vae"):
@@ -99,12 +110,13 @@ class PipelineTask:
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < factor or self.resolution % factor:
             raise ValueError(f"resolution={self.resolution!r} must be a positive multiple of {factor} "
                              f"(VAE factor {self.vae_factor} x patch {self.patch})")
-        self._embeds = None
-        self._reference_copy = None
+        self._embeds = None  # (table, negative) on the host, in the text encoders' dtype
+        self._weights_sha = _fingerprint(self.network)  # the starting weights, for describe()
 
     # ------------------------------------------------------------ what the subclasses say
-    def encode(self, texts: list[str], device) -> tuple[dict, dict | None]:  # pragma: no cover - interface
-        """(embeddings, negative embeddings or None) ``{name: [N, ...]}`` for ``texts``."""
+    def encode(self, texts: list[str], device) -> dict:  # pragma: no cover - interface
+        """``{name: [N, ...]}`` for ``texts``, through the pipeline's ``encode_prompt`` (conditional branch;
+        the negative prompt is encoded the same way: encode_prompt treats both branches alike)."""
         raise NotImplementedError
 
     def to_vae_space(self, latents: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
@@ -137,7 +149,7 @@ class PipelineTask:
     def describe(self) -> dict:
         cfg = json.dumps({k: v for k, v in dict(self.network.config).items() if not k.startswith("_")}, sort_keys=True, default=str)
         return {"name": type(self).__name__, "network": type(self.network).__name__,
-                "network_config_sha": hashlib.sha256(cfg.encode()).hexdigest()[:12],
+                "network_config_sha": hashlib.sha256(cfg.encode()).hexdigest()[:12], "network_weights_sha": self._weights_sha,
                 "prompts": self.prompts, "eval_prompts": self.eval_prompts, "negative_prompt": self.negative_prompt,
                 "reward": getattr(self.reward_fn, "name", type(self.reward_fn).__name__),
                 "guidance_scale": self.guidance_scale, "lora": self.lora.to_dict() if self.lora else None,
@@ -153,27 +165,28 @@ class PipelineTask:
         net.eval()  # no dropout; gradients still flow
         if self.lora is not None:
             add_lora(net, self.lora, self.default_targets)
+            frozen = {p.dtype for p in net.parameters() if not p.requires_grad}
             if self.bf16:
                 for p in net.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(torch.bfloat16)
+            elif frozen != {torch.float32}:
+                raise ValueError(f"the network's weights are {sorted(map(str, frozen))} but bf16=False: pass bf16=True "
+                                 f"(bf16 weights and autocast), or load the pipeline in float32")
         else:
-            net.requires_grad_(True)
+            net.float().requires_grad_(True)  # a full fine-tune keeps fp32 weights for Adam (bf16: autocast only)
         if self.gradient_checkpointing:
             net.enable_gradient_checkpointing()
         embeds, negative = self._encoded(device)
-        policy = self.denoiser_class(net, embeds, negative, self.guidance_scale, torch.bfloat16 if self.bf16 else None)
-        if self.lora is None:  # the reference of a full fine-tune: the starting weights, frozen
-            self._reference_copy = copy.deepcopy(policy).requires_grad_(False)
-        return policy
+        return self.denoiser_class(net, embeds, negative, self.guidance_scale, torch.bfloat16 if self.bf16 else None)
 
     def reference(self, policy: Denoiser, device="cpu"):
-        """With LoRA: the policy with its adapter disabled; else a frozen copy made by ``policy()``."""
+        """With LoRA: the policy with its adapter disabled. Without: a frozen copy of the policy's network
+        as it is now (``train`` asks for it before the first update), sharing the prompt table."""
         if self.lora is not None:
             return AdapterDisabled(policy)
-        if self._reference_copy is None:
-            raise ValueError("call task.policy() first: the reference is the policy's starting weights")
-        return self._reference_copy.to(device)
+        frozen = copy.deepcopy(policy.net).requires_grad_(False).to(device)
+        return type(policy)(frozen, policy.table, policy.negative, policy.guidance_scale, policy.autocast_dtype)
 
     def reward(self, latents: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """Decode ``latents`` ``[B, C, h, w]`` with the VAE and score them with ``reward_fn`` -> ``[B]`` fp32."""
@@ -181,13 +194,17 @@ class PipelineTask:
         vae = self.pipeline.vae
         if next(vae.parameters()).device != latents.device:
             vae.to(latents.device)
+        sync = (lambda: torch.cuda.synchronize(latents.device)) if latents.is_cuda else (lambda: None)
         out = []
         for start in range(0, len(latents), self.decode_batch):
             chunk, ids = latents[start:start + self.decode_batch], prompts[start:start + self.decode_batch].tolist()
+            sync()
             t0 = time.perf_counter()
             images = self.decode(chunk)
+            sync()
             t1 = time.perf_counter()
             r = torch.as_tensor(self.reward_fn(images, [texts[i] for i in ids]), dtype=torch.float32).flatten()
+            sync()
             self.costs["decode_s"] += t1 - t0
             self.costs["reward_s"] += time.perf_counter() - t1
             self.costs["vae_decodes"] += len(chunk)
@@ -199,29 +216,44 @@ class PipelineTask:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, C, h, w]`` -> RGB ``[B, 3, H, W]`` in [0, 1], fp32 (the pipeline's VAE)."""
+        """Latents ``[B, C, h, w]`` -> RGB ``[B, 3, H, W]`` in [0, 1], fp32 (the pipeline's VAE, in its own
+        dtype: Flow-GRPO keeps it in fp32 while the network runs in bf16)."""
         vae = self.pipeline.vae
-        ctx = torch.autocast(latents.device.type, dtype=torch.bfloat16) if self.bf16 else torch.autocast(latents.device.type, enabled=False)
-        with ctx:
+        with torch.autocast(latents.device.type, enabled=False):
             pixels = vae.decode(self.to_vae_space(latents.float()).to(vae.dtype), return_dict=False)[0]
         return (pixels.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def evaluate(self, policy, sampler: Sampler) -> dict:
-        device = policy.cond_prompt_embeds.device
-        ids = torch.arange(len(self.prompts), len(self.prompts) + len(self.eval_prompts), device=device)
-        latents = sample(policy, sampler.deterministic(), ids, TrajectoryNoise(self.eval_seed, stream="eval_ode"),
-                         latent_shape=self.latent_shape)
-        return {"eval_reward": self.reward(latents, ids).mean().item()}
+        """Mean reward of one deterministic sample per evaluation prompt; prompt j's noise is stream
+        (eval_seed, "eval_ode", position j), whatever the micro-batching (``decode_batch``)."""
+        device = next(policy.net.parameters()).device
+        n = len(self.eval_prompts)
+        ids = torch.arange(len(self.prompts), len(self.prompts) + n, device=device)
+        keys = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], 1)
+        flat = rollout_flat(policy, sampler.deterministic(), ids, keys, TrajectoryNoise(self.eval_seed, stream="eval_ode"),
+                            (), None, latent_shape=self.latent_shape, max_batch=self.decode_batch)
+        return {"eval_reward": self.reward(flat.latents[:, -1], ids).mean().item()}
 
     def _encoded(self, device):
-        """Embeddings of prompts + eval_prompts (ids 0..N-1, then the evaluation's), encoded once."""
+        """The table of prompts + eval_prompts (ids 0..N-1, then the evaluation's) and the negative row,
+        encoded once in chunks of ``encode_batch``, moved to ``embeddings_device`` (default ``device``)."""
         if self._embeds is None:
+            text_device, chunks = self._text_device(), []
+            texts = self.prompts + self.eval_prompts
             with torch.no_grad():
-                self._embeds = self.encode(self.prompts + self.eval_prompts, self._text_device())
-        embeds, negative = self._embeds
-        move = lambda d: None if d is None else {k: v.detach().float().to(device) for k, v in d.items()}
-        return move(embeds), move(negative if self.guidance_scale > 1 else None)
+                for start in range(0, len(texts), self.encode_batch):
+                    chunks.append({k: v.cpu() for k, v in self.encode(texts[start:start + self.encode_batch], text_device).items()})
+                negative = {k: v.cpu() for k, v in self.encode([self.negative_prompt], text_device).items()}
+            self._embeds = ({k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}, negative)
+            if self.offload_text_encoders:
+                for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                    if getattr(self.pipeline, name, None) is not None:
+                        getattr(self.pipeline, name).to("cpu")
+        table, negative = self._embeds
+        where = self.embeddings_device or device
+        return {k: v.to(where) for k, v in table.items()}, ({k: v.to(where) for k, v in negative.items()}
+                                                            if self.guidance_scale > 1 else None)
 
     def _text_device(self):
         encoder = getattr(self.pipeline, "text_encoder", None)
@@ -240,12 +272,10 @@ class SD3PipelineTask(PipelineTask):
     default_targets = SD3_TARGETS
 
     def encode(self, texts, device):
-        n = len(texts)
-        pe, npe, pooled, npooled = self.pipeline.encode_prompt(
-            prompt=texts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=True,
-            negative_prompt=[self.negative_prompt] * n, max_sequence_length=self.max_sequence_length)
-        return ({"prompt_embeds": pe, "pooled_prompt_embeds": pooled},
-                {"prompt_embeds": npe, "pooled_prompt_embeds": npooled})
+        pe, _, pooled, _ = self.pipeline.encode_prompt(prompt=texts, prompt_2=None, prompt_3=None, device=device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}
 
     def to_vae_space(self, latents):
         cfg = self.pipeline.vae.config
@@ -259,6 +289,10 @@ class SD3PipelineTask(PipelineTask):
         if not isinstance(sampler, (FlowSDE, FlowCPS)):
             raise ValueError(f"{type(self.network).__name__} is a rectified flow: it needs FlowSDE or FlowCPS "
                              f"(task.sampler(T)), got {type(sampler).__name__}")
+        ours = self.sampler(sampler.num_steps).sigmas
+        if not torch.allclose(sampler.sigmas, ours, atol=1e-6):
+            warnings.warn(f"{sampler!r} does not sample on the pipeline scheduler's sigmas "
+                          f"({', '.join(f'{s:.3f}' for s in ours.tolist())}); task.sampler(T) does", stacklevel=3)
 
     def describe(self) -> dict:
         return {**super().describe(), "max_sequence_length": self.max_sequence_length}
@@ -273,14 +307,15 @@ class SDPipelineTask(PipelineTask):
     default_targets = UNET_TARGETS
 
     def encode(self, texts, device):
-        pe, npe = self.pipeline.encode_prompt(texts, device, 1, True, [self.negative_prompt] * len(texts))
-        return {"prompt_embeds": pe}, {"prompt_embeds": npe}
+        return {"prompt_embeds": self.pipeline.encode_prompt(texts, device, 1, False)[0]}
 
     def to_vae_space(self, latents):
         return latents / self.pipeline.vae.config.scaling_factor
 
     def sampler(self, num_steps: int = 20, eta: float = 1.0) -> DDIM:
-        """DDIM with eta on the betas and prediction type of this pipeline's scheduler (trailing timesteps)."""
+        """DDIM with eta on the betas and prediction type of this pipeline's scheduler. Its timesteps are the
+        trailing ones (999 ... for T = 50: 999, 979, ..., 19), not the "leading" 981 ... 1 that SD-v1's
+        DDIMScheduler config (and so DDPO and DanceGRPO) walks: see ``samplers/ddim.py``."""
         return DDIM.from_scheduler_config(dict(self.pipeline.scheduler.config), num_steps, eta)
 
     def check_sampler(self, sampler):
@@ -288,6 +323,19 @@ class SDPipelineTask(PipelineTask):
             raise ValueError(f"{type(self.network).__name__} predicts noise: it needs DDIM (task.sampler(T)), "
                              f"got {type(sampler).__name__}")
         ours = self.sampler(sampler.num_steps, sampler.eta)
-        if ours.prediction_type != sampler.prediction_type or not torch.allclose(ours.alphas_cumprod, sampler.alphas_cumprod):
+        if (ours.prediction_type != sampler.prediction_type or ours.alphas_cumprod.shape != sampler.alphas_cumprod.shape
+                or not torch.allclose(ours.alphas_cumprod, sampler.alphas_cumprod)):
             raise ValueError(f"{sampler!r} does not match the pipeline's scheduler (betas or prediction type); "
                              f"use task.sampler({sampler.num_steps}, eta={sampler.eta})")
+
+
+def _fingerprint(net: torch.nn.Module) -> str:
+    """A short hash of the network's starting weights (first and last two tensors: their shapes, sums and
+    first values), so that a resume on other base weights with the same config is refused."""
+    tensors = list(net.state_dict().items())
+    parts = []
+    with torch.no_grad():
+        for name, t in tensors[:2] + tensors[-2:]:
+            t = t.detach().double()
+            parts.append(f"{name}:{tuple(t.shape)}:{t.sum().item():.10e}:{t.flatten()[:4].tolist()}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]

@@ -145,16 +145,25 @@ def run_epoch(arm, device, bf16, sd35, sd35_layers, prompts, updates, warmup, se
 
 def run_interleaved(arms, device, bf16, sd35, sd35_layers, prompts, rounds, seed, progress=None) -> dict:
     """Time every arm in one process, one update per arm per round, the order rotating each round, so
-    a slow spell of the shared machine hits all arms alike. Each arm trains its own copy of the model.
-    Returns ``{arm: {"sampling_s": [per round], "optimisation_s": [per round]}}`` (after one warm-up round)."""
+    a slow spell of the shared machine hits all arms alike. Each arm trains its own copy of the model,
+    except with ``sd35``: one SD3.5-Medium-size model (with its Adam state: about 40 GB in fp32) is all a
+    GPU holds, so the arms take turns training the same one (a random model's weights do not change the
+    cost of an update). Returns ``{arm: {"sampling_s": [per round], "optimisation_s": [per round]}}``
+    (after one warm-up round)."""
     from ..grpo import group_advantages
     from ..trainer import arm_config, collect, optimise
 
-    state = {}
+    state, shared = {}, None
     for arm in arms:
-        task, model = build(device, bf16, sd35, sd35_layers, model_of(arm))
         cfg = arm_config(arm, prompts_per_update=prompts, device=device, seed=seed, progress=False)
-        state[arm] = (model, task, cfg, torch.optim.Adam(model.parameters(), lr=cfg.lr))
+        if shared is None:
+            task, model = build(device, bf16, sd35, sd35_layers, model_of(arm))
+            pieces = (model, task, torch.optim.Adam(model.parameters(), lr=cfg.lr))
+            shared = pieces if sd35 else None  # one model at a time
+        else:
+            pieces = shared
+        model, task, optimizer = pieces
+        state[arm] = (model, task, cfg, optimizer)
     times = {arm: {"sampling_s": [], "optimisation_s": []} for arm in arms}
     for r in range(rounds + 1):
         for arm in arms[r % len(arms):] + arms[:r % len(arms)]:

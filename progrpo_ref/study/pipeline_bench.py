@@ -128,7 +128,7 @@ def run(args) -> None:
             status = f"timed out after {args.timeout} s"
         print(f"{arm}: {status} ({time.perf_counter() - t:.0f} s)", flush=True)
     if args.bench:
-        bench = [sys.executable, "-m", "progrpo_ref.study.bench", "--device", args.device, "--bf16", "--sd35", "--quick",
+        bench = [sys.executable, "-m", "progrpo_ref.study.bench", "--device", args.device, "--bf16", "--sd35", "--quick", "--prompts", "2",
                  "--markdown", str(out / "bench_sd35.md")] + (["--sd35-layers", str(args.layers)] if args.layers else [])
         try:
             done = subprocess.run(bench, timeout=args.timeout, capture_output=True, text=True)

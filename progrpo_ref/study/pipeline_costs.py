@@ -151,7 +151,7 @@ def flop_table(arms=("flow_grpo", "standard", "flash"), trained_steps: int = 9, 
     """A Markdown table of one update per prompt for each arm of ``PRESETS``, with its FLOP ratio to flow_grpo."""
     costs = {arm: epoch_costs(PRESETS[arm], 1, trained_steps, cfg, beta, per_pass, lora) for arm in arms}
     base = epoch_costs(PRESETS["flow_grpo"], 1, trained_steps, cfg, beta, per_pass, lora)["total_flops"]
-    lines = ["| arm | sampling NFE / prompt | VAE decodes | reward calls | trained trajectory-steps | TFLOPs / prompt "
+    lines = ["| arm | sampling trajectory-steps / prompt | VAE decodes | reward calls | trained trajectory-steps | TFLOPs / prompt "
              "| ratio to flow_grpo | paper's ratio |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, c in costs.items():
