@@ -45,7 +45,7 @@ from .samplers import DDIM, FlowSDE, Sampler, sampler_from_dict, sampler_to_dict
 from .task import check_task
 
 TIMING_KEYS = ("sampling_s", "optimisation_s", "eval_s", "task_decode_s", "task_reward_s")
-RESUMABLE_CHANGES = ("num_updates", "progress", "checkpoint_path", "checkpoint_every", "device_batch")  # may differ on resume
+RESUMABLE_CHANGES = ("num_updates", "progress", "checkpoint_path", "checkpoint_every", "device_batch", "device")  # may differ on resume
 
 
 @dataclass

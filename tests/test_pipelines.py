@@ -182,6 +182,13 @@ def test_resume_restores_the_adapter_exactly(kind, tmp_path):
     for k, v in fresh.network.named_parameters():
         if f".{ADAPTER}." in k:
             assert torch.equal(v.detach(), final[k]), k
+    other = make_task(kind, guidance=2.0, lora=LoRA(3, 5.0))  # other base weights, the same configuration
+    with torch.no_grad():
+        next(other.network.parameters()).add_(1e-3)
+    other = type(other)(other.pipeline, PROMPTS, JpegCompressibility(), guidance_scale=2.0, lora=LoRA(3, 5.0),
+                        **({"max_sequence_length": 8} if kind == "sd3" else {}))
+    with pytest.raises(ValueError, match="network_weights_sha"):
+        train(config(other, kind, num_updates=3, checkpoint_path=str(part_path)), other, resume=True)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -164,15 +164,15 @@ class PipelineTask:
         net = self.network.to(device)
         net.eval()  # no dropout; gradients still flow
         if self.lora is not None:
+            loaded = {p.dtype for name, p in net.named_parameters() if ".lora_" not in name}
+            if not self.bf16 and loaded != {torch.float32}:
+                raise ValueError(f"the network's weights are {sorted(map(str, loaded))} but bf16=False: pass bf16=True "
+                                 f"(bf16 weights and autocast), or load the pipeline in float32")
             add_lora(net, self.lora, self.default_targets)
-            frozen = {p.dtype for p in net.parameters() if not p.requires_grad}
             if self.bf16:
                 for p in net.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(torch.bfloat16)
-            elif frozen != {torch.float32}:
-                raise ValueError(f"the network's weights are {sorted(map(str, frozen))} but bf16=False: pass bf16=True "
-                                 f"(bf16 weights and autocast), or load the pipeline in float32")
         else:
             net.float().requires_grad_(True)  # a full fine-tune keeps fp32 weights for Adam (bf16: autocast only)
         if self.gradient_checkpointing:
@@ -182,7 +182,8 @@ class PipelineTask:
 
     def reference(self, policy: Denoiser, device="cpu"):
         """With LoRA: the policy with its adapter disabled. Without: a frozen copy of the policy's network
-        as it is now (``train`` asks for it before the first update), sharing the prompt table."""
+        as it is now (``train`` asks for it before the first update, only when beta > 0; so a second
+        ``train(model=policy)`` anchors the KL at the weights it starts from), sharing the prompt table."""
         if self.lora is not None:
             return AdapterDisabled(policy)
         frozen = copy.deepcopy(policy.net).requires_grad_(False).to(device)
@@ -330,12 +331,13 @@ class SDPipelineTask(PipelineTask):
 
 
 def _fingerprint(net: torch.nn.Module) -> str:
-    """A short hash of the network's starting weights (first and last two tensors: their shapes, sums and
-    first values), so that a resume on other base weights with the same config is refused."""
-    tensors = list(net.state_dict().items())
+    """A short hash of the network's starting weights, so that a resume on other base weights with the same
+    config is refused: shapes, float64 sums and first values of 16 parameters spread over the network (on the
+    host; the dtype the pipeline was loaded in counts too)."""
+    params = list(net.named_parameters())
     parts = []
     with torch.no_grad():
-        for name, t in tensors[:2] + tensors[-2:]:
-            t = t.detach().double()
-            parts.append(f"{name}:{tuple(t.shape)}:{t.sum().item():.10e}:{t.flatten()[:4].tolist()}")
+        for name, p in params[::max(1, -(-len(params) // 16))]:
+            t = p.detach().cpu()
+            parts.append(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.double().sum().item():.10e}:{t.flatten()[:4].tolist()}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]

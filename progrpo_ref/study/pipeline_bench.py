@@ -48,13 +48,15 @@ REPO = Path(__file__).resolve().parents[2]
 GPU_JSON = REPO / "figures" / "gpu_pipeline.json"
 
 
-def sd35_size_task(device: str, layers: int | None = None, resolution: int = 512, small: bool = False) -> SD3PipelineTask:
+def sd35_size_task(device: str, layers: int | None = None, resolution: int = 512, small: bool = False,
+                   clip_tokens: int = 77, t5_tokens: int = 256) -> SD3PipelineTask:
     """SD3.5-Medium's transformer and VAE (random), 1-layer CLIP text encoders of CLIP-L/G's widths,
-    a PickScore-size random CLIP reward (``small``: a 1-layer CLIP); LoRA 32/64, bf16, guidance 4.5."""
+    a PickScore-size random CLIP reward (``small``: a 1-layer CLIP); LoRA 32/64, bf16, guidance 4.5.
+    Prompts take clip_tokens + t5_tokens = 333 text tokens, as SD3.5's do (fewer: rehearsal only)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModelWithProjection
 
-    tokenizer = clip_tokenizer(max_length=77)
+    tokenizer = clip_tokenizer(max_length=clip_tokens)
     over = {} if layers is None else dict(num_layers=layers, dual_attention_layers=tuple(range(min(layers, 13))))
     torch.manual_seed(0)
     with torch.device(device):  # built where it runs, one model at a time
@@ -76,20 +78,21 @@ def sd35_size_task(device: str, layers: int | None = None, resolution: int = 512
         clip = clip.to(torch.bfloat16)
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
                                     text_encoder=encoders[0].eval(), tokenizer=tokenizer, text_encoder_2=encoders[1].eval(),
-                                    tokenizer_2=clip_tokenizer(max_length=77), text_encoder_3=None, tokenizer_3=None)
+                                    tokenizer_2=clip_tokenizer(max_length=clip_tokens), text_encoder_3=None, tokenizer_3=None)
     return SD3PipelineTask(pipe, PROMPTS, ClipReward(clip, clip_tokenizer(max_length=77)), guidance_scale=4.5,
                            lora=LoRA(32, 64.0), bf16=True, resolution=resolution, decode_batch=8,
-                           eval_prompts=PROMPTS[:1], max_sequence_length=256)
+                           eval_prompts=PROMPTS[:1], max_sequence_length=t5_tokens)
 
 
-def measure(arm: str, device: str, layers, resolution: int, small: bool, device_batch: int, out: Path) -> dict:
-    """One warm-up and two measured updates of ``arm``; writes and returns ``out/<arm>.json``."""
+def measure(arm: str, device: str, layers, resolution: int, small: bool, device_batch: int, out: Path,
+            prompts: int = 2, clip_tokens: int = 77, t5_tokens: int = 256) -> dict:
+    """One warm-up and two measured updates of ``arm`` with ``prompts`` prompts; writes and returns ``out/<arm>.json``."""
     t0 = time.perf_counter()
-    task = sd35_size_task(device, layers, resolution, small)
+    task = sd35_size_task(device, layers, resolution, small, clip_tokens, t5_tokens)
     build_s = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    config = sd35_config(task, arm, prompts_per_update=2, num_updates=3, eval_every=1000, device=device,
+    config = sd35_config(task, arm, prompts_per_update=prompts, num_updates=3, eval_every=1000, device=device,
                          device_batch=device_batch, progress=False)
     history = train(config, task)
     rows = history["updates"][1:]  # the first update is the warm-up
@@ -100,7 +103,7 @@ def measure(arm: str, device: str, layers, resolution: int, small: bool, device_
     result = {
         "arm": arm, "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
         "date": date.today().isoformat(), "torch": torch.__version__, "layers": layers or SD35_MEDIUM["num_layers"],
-        "resolution": resolution, "prompts": P, "measured_updates": len(rows), "build_s": build_s,
+        "resolution": resolution, "prompts": P, "text_tokens": clip_tokens + t5_tokens, "measured_updates": len(rows), "build_s": build_s,
         "sampling_s": sampling, "optimisation_s": optimisation, "update_s": sampling + optimisation,
         "sampling_trajectory_steps_per_s": rows[0]["nfe_per_prompt"] * P / passes / sampling,
         "training_trajectory_steps_per_s": trained_steps / optimisation,
@@ -119,6 +122,7 @@ def run(args) -> None:
     base = [sys.executable, "-m", "progrpo_ref.study.pipeline_bench", "measure", "--device", args.device,
             "--resolution", str(args.resolution), "--device-batch", str(args.device_batch), "--out", str(out)]
     base += (["--layers", str(args.layers)] if args.layers else []) + (["--small"] if args.small else [])
+    base += ["--prompts", str(args.prompts), "--clip-tokens", str(args.clip_tokens), "--t5-tokens", str(args.t5_tokens)]
     for arm in ARMS:
         t = time.perf_counter()
         try:
@@ -176,11 +180,11 @@ def overhead(device: str = "cpu", reps: int = 20, layers: int = 2, side: int = 3
         net = SD3Transformer2DModel(**{**SD35_MEDIUM, **over}).eval()
         B = 4
         embeds = {"prompt_embeds": torch.randn(8, 333, 4096), "pooled_prompt_embeds": torch.randn(8, 2048)}
-        negative = {k: torch.randn_like(v) for k, v in embeds.items()}
+        negative = {k: torch.randn_like(v[:1]) for k, v in embeds.items()}  # one row, as the task encodes it
         den = SD3Denoiser(net, embeds, negative, guidance_scale=4.5)
         x, ids, sigma = torch.randn(B, 16, side, side), torch.arange(B), torch.full((B,), 0.7)
         x2 = torch.cat([x, x])
-        e2 = {k: torch.cat([negative[k][ids], embeds[k][ids]]) for k in embeds}
+        e2 = {k: torch.cat([negative[k].expand(B, *negative[k].shape[1:]), embeds[k][ids]]) for k in embeds}
     direct = lambda: net(hidden_states=x2, encoder_hidden_states=e2["prompt_embeds"],
                          pooled_projections=e2["pooled_prompt_embeds"], timestep=torch.cat([sigma, sigma]) * 1000, return_dict=False)[0]
     adapted = lambda: den(x, sigma, ids)
@@ -219,6 +223,9 @@ def main(argv=None):
         p.add_argument("--resolution", type=int, default=512)
         p.add_argument("--small", action="store_true", help="a 1-layer CLIP reward instead of PickScore's size (rehearsal)")
         p.add_argument("--device-batch", type=int, default=8, help="trajectories per network call (TrainConfig.device_batch)")
+        p.add_argument("--prompts", type=int, default=2, help="prompts per update")
+        p.add_argument("--clip-tokens", type=int, default=77, help="CLIP tokens per prompt (fewer: rehearsal only)")
+        p.add_argument("--t5-tokens", type=int, default=256, help="T5 token slots per prompt (fewer: rehearsal only)")
         p.add_argument("--out", required=True)
         if name == "run":
             p.add_argument("--timeout", type=int, default=150, help="seconds per arm's subprocess (and for the bench)")
@@ -236,7 +243,8 @@ def main(argv=None):
     if args.command == "run":
         run(args)
     elif args.command == "measure":
-        print(json.dumps(measure(args.arm, args.device, args.layers, args.resolution, args.small, args.device_batch, Path(args.out))))
+        print(json.dumps(measure(args.arm, args.device, args.layers, args.resolution, args.small, args.device_batch,
+                                 Path(args.out), args.prompts, args.clip_tokens, args.t5_tokens)))
     elif args.command == "overhead":
         print(json.dumps(overhead(args.device, args.reps, args.layers, args.side)))
     else:
