@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..digits.data import IMAGE_SHAPE
+from ..fidelity import spearman
 from ..grpo import group_advantages, step_log_prob
 from ..pro_grpo import PruneSchedule, expand_and_prune, record_previews
 from ..rollout import rollout
@@ -48,11 +49,9 @@ def subset_rewards(rewards: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- proxy fidelity and selection bias
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman correlation of each row of a and b ``[P, G]`` -> ``[P]`` (ties broken by order)."""
-    ra = a.argsort(1).argsort(1).double()
-    rb = b.argsort(1).argsort(1).double()
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+    """Spearman correlation of each row of a and b ``[P, G]`` -> ``[P]``: ``fidelity.spearman`` (ties
+    averaged, as scipy does; without ties it equals the earlier ties-by-order version exactly)."""
+    return spearman(a, b)
 
 
 @torch.no_grad()

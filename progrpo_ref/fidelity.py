@@ -1,0 +1,84 @@
+r"""Proxy fidelity: how well the previews rank a group's trajectories the way their final rewards do.
+
+Expand-and-Prune keeps trajectories by their preview rewards p (the reward of the one-step clean
+estimate x0_hat at a checkpoint); GRPO then trains on their final rewards R. For one prompt's group
+of G trajectories, ``p, R`` ``[G]``:
+
+    rho = Spearman(p, R) = Pearson(rank(p), rank(R)),
+
+with tied values given the average of the ranks they occupy (as ``scipy.stats.spearmanr`` does; a
+constant row has no ranking and gives NaN). Over P independent groups ``[P, G]`` the estimate is the
+mean of the rows' rho with standard error s / sqrt(P') (s: the rows' sample std, P' the rows that
+are not NaN): ``summarize``.
+
+What pruning actually keeps is an OVF subset, so fidelity is also measured where it matters: the
+overlap |OVF_k(p) ∩ OVF_k(R)| / k of the subsets OVF picks on the previews and on the final rewards.
+A preview unrelated to the final reward overlaps by k / G on average (a random k-subset holds each of
+the k final-reward picks with probability k / G): ``overlap_chance``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ovf import ovf_select
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks within each row of ``x`` ``[P, G]`` (or ``[G]``), ties averaged, float64.
+
+    rank(x_i) = #{j: x_j < x_i} + (#{j: x_j = x_i} + 1) / 2."""
+    rows = _rows(x, "x")
+    less = (rows[:, None, :] < rows[:, :, None]).sum(-1)
+    equal = (rows[:, None, :] == rows[:, :, None]).sum(-1)
+    ranks = less.double() + (equal.double() + 1) / 2
+    return ranks if x.dim() == 2 else ranks[0]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman's rho of each row of ``a`` and ``b`` ``[P, G]`` -> ``[P]`` float64 (``[G]`` -> a scalar);
+    NaN for a row in which a or b is constant."""
+    if a.shape != b.shape:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must have the same shape")
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
+    denominator = ra.norm(dim=-1) * rb.norm(dim=-1)
+    rho = (ra * rb).sum(-1) / denominator
+    return torch.where(denominator > 0, rho, torch.full_like(rho, math.nan)).clamp(-1, 1)
+
+
+def summarize(values: torch.Tensor) -> dict:
+    """``{"mean", "se", "n"}`` of per-group values ``[P]`` (NaN rows left out); se is NaN below 2 rows."""
+    v = values.double().flatten()
+    v = v[~torch.isnan(v)]
+    n = len(v)
+    mean = v.mean().item() if n else math.nan
+    se = (v.std().item() / math.sqrt(n)) if n > 1 else math.nan
+    return {"mean": mean, "se": se, "n": n}
+
+
+def ovf_overlap(preview: torch.Tensor, final: torch.Tensor, k: int) -> torch.Tensor:
+    """|OVF_k(preview) ∩ OVF_k(final)| / k per group, ``[P, G]`` -> ``[P]`` float64."""
+    if preview.shape != final.shape:
+        raise ValueError(f"preview {tuple(preview.shape)} and final {tuple(final.shape)} must have the same shape")
+    p, f = _rows(preview, "preview"), _rows(final, "final")
+    keep_p, keep_f = ovf_select(p, k), ovf_select(f, k)
+    common = (keep_p[:, :, None] == keep_f[:, None, :]).any(-1).sum(-1)
+    out = common.double() / k
+    return out if preview.dim() == 2 else out[0]
+
+
+def overlap_chance(k: int, group_size: int) -> float:
+    """The expected overlap fraction of a k-subset chosen without regard to the final reward: k / G."""
+    if not 0 < k <= group_size:
+        raise ValueError(f"k={k} must be in 1..group_size={group_size}")
+    return k / group_size
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dim() not in (1, 2) or x.shape[-1] < 2:
+        raise ValueError(f"{name} must be [G] or [P, G] with G >= 2, got shape {tuple(getattr(x, 'shape', ()))}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains {int((~torch.isfinite(x)).sum())} non-finite values")
+    return x if x.dim() == 2 else x[None]
