@@ -22,14 +22,28 @@ WORKER = REPO / "tests" / "dist_worker.py"
 TIMEOUT = 240  # a hang fails the test instead of the suite
 
 
-def run(out, *args, processes=1):
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def launch(cmd, expect_success=True, **kwargs):
+    """``subprocess.run``, run again (at most twice) when it failed only because a process aborted with
+    ``TEARDOWN_ABORT``: a rare race of torch's gloo threads as a process shuts down (seen once in about 35
+    two-process launches on this machine), outside the code under test. Any other failure is returned as is."""
+    for _ in range(3):
+        r = subprocess.run(cmd, **kwargs)
+        if r.returncode == 0 or not expect_success or TEARDOWN_ABORT not in r.stderr:
+            return r
+    return r
+
+
+def run(out, *args, processes=1, expect_success=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if processes == 1:
         cmd = [sys.executable, str(WORKER), str(out), *map(str, args)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(WORKER), str(out), *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    return launch(cmd, expect_success, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def one_and_two(tmp_path, *args):
@@ -91,7 +105,7 @@ def test_a_process_left_without_survivors_still_takes_part(tmp_path):
 
 def test_a_crashing_process_ends_the_run_with_an_error(tmp_path):
     t = time.perf_counter()
-    r = run(tmp_path / "x.pt", 2, "8,4", "5", 0, "--crash-rank", 1, processes=2)
+    r = run(tmp_path / "x.pt", 2, "8,4", "5", 0, "--crash-rank", 1, processes=2, expect_success=False)
     assert r.returncode != 0 and "crashes on purpose" in r.stderr
     assert time.perf_counter() - t < TIMEOUT
 
@@ -113,8 +127,8 @@ def test_the_command_line_trains_the_same_under_each_launcher(tmp_path):
     hist = {}
     for name, (n, launcher) in LAUNCHERS.items():
         out = tmp_path / f"{name}.json"
-        r = subprocess.run([*launcher, *common, "--history", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=TIMEOUT)
+        r = launch([*launcher, *common, "--history", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                   timeout=TIMEOUT)
         assert r.returncode == 0, (name, r.stderr[-3000:])
         assert f"over {n} process(es)" in r.stdout  # the batch arithmetic is printed at the start
         hist[name] = json.loads(out.read_text())
@@ -162,3 +176,13 @@ def test_device_batch_splits_network_calls_without_changing_the_count(flow_model
         runs[max_batch] = rollout_flat(counter, FlowSDE(10), prompts, keys, 4, latent_shape=(1, 8, 8), max_batch=max_batch)
         assert counter.nfe == 14 * 10 and counter.calls == 10 * (1 if max_batch == 0 else 3)  # 14 = 5 + 5 + 4
     assert (runs[0].latents - runs[5].latents).abs().max() <= 1e-5  # only the batch composition differs
+
+
+def test_launch_retries_only_the_teardown_abort(tmp_path):
+    counter = tmp_path / "attempts"
+    flaky = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]); n = int(p.read_text()) if p.exists() else 0; "
+             f"p.write_text(str(n + 1)); sys.exit(0) if n else (print({TEARDOWN_ABORT!r}, file=sys.stderr), sys.exit(134))")
+    r = launch([sys.executable, "-c", flaky, str(counter)], capture_output=True, text=True)
+    assert r.returncode == 0 and counter.read_text() == "2"  # failed once with the abort, then passed
+    other = launch([sys.executable, "-c", "import sys; sys.exit('a real error')"], capture_output=True, text=True)
+    assert other.returncode == 1 and "a real error" in other.stderr  # not retried into success
