@@ -23,6 +23,8 @@ import math
 import torch
 
 from .ovf import ovf_select
+from .pro_grpo import record_previews
+from .rollout import NFECounter
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -82,3 +84,28 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains {int((~torch.isfinite(x)).sum())} non-finite values")
     return x if x.dim() == 2 else x[None]
+
+
+@torch.no_grad()
+def audit(model, sampler, reward_fn, prompts: torch.Tensor, group_size: int, k: int, noise, *, latent_shape) -> dict:
+    """Finish an unpruned group of ``group_size`` for each of ``prompts`` ``[P]``, score the preview at every
+    call 1..T-1 and the final samples, and return per call (JSON keys: the call as a string)
+
+        {"fidelity": {c: summarize(rho_c)}, "overlap": {c: summarize(OVF_k overlap)}, "chance": k / G,
+         "final_std": summarize(within-group std of R), "nfe": network evaluations, "reward_images": scored}
+
+    Nothing here is trained on; the caller gives it its own noise stream."""
+    counter = NFECounter(model)
+    steps = tuple(range(1, sampler.num_steps))
+    scored = {"n": 0}
+
+    def counted(images, p):
+        scored["n"] += len(images)
+        return reward_fn(images, p)
+
+    ro, proxies = record_previews(counter, sampler, prompts, group_size, counted, steps, noise, latent_shape=latent_shape)
+    final = ro.final_rewards(counted)
+    return {"fidelity": {str(c): summarize(spearman(p, final)) for c, p in proxies.items()},
+            "overlap": {str(c): summarize(ovf_overlap(p, final, k)) for c, p in proxies.items()},
+            "chance": overlap_chance(k, group_size), "final_std": summarize(final.std(1)),
+            "nfe": counter.nfe, "reward_images": scored["n"]}

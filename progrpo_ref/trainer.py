@@ -10,6 +10,9 @@
     flash        24 -> 16 -> 12 pruned at (5, 7)    the 12 survivors (Pro-GRPO Flash)
     dance_grpo   G = 16, DDIM T = 20                all 16 (the diffusion baseline, SD-v1.4's shape)
     standard_sd14  48 -> 32 -> 8 at (12, 16), DDIM  the 8 survivors (Pro-GRPO on SD-v1.4, T = 50 -> 20)
+    ovf_48       G = 48                             OVF 12 of the final rewards ("expand, then select": what pruning can keep at best)
+    adaptive     48 -> 24 -> 12, checkpoints moved  the 12 survivors, or OVF on final rewards where no call's previews
+                 by an audit every 10 updates       are faithful enough (adaptive.py)
 
 The flow arms sample with ``FlowSDE``; the two diffusion arms with ``DDIM(20, eta=1)`` (DDPO's sampler)
 on the default DDPM schedule, the one the digits' diffusion model was trained on.
@@ -34,9 +37,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .adaptive import Placement, check_target, decide
 from .checkpoint import load_policy_state, load_training_checkpoint, save_training_checkpoint
+from .fidelity import audit
 from .grpo import group_advantages
-from .noise import per_update_generator
+from .noise import TrajectoryNoise, derive_seed, per_update_generator
 from .ovf import STRATEGIES
 from .parallel import Shard, Shards, collect_shard, optimise_shard
 from .pro_grpo import PRESETS, PruneSchedule
@@ -44,7 +49,7 @@ from .rollout import NFECounter
 from .samplers import DDIM, FlowSDE, Sampler, sampler_from_dict, sampler_to_dict
 from .task import check_task
 
-TIMING_KEYS = ("sampling_s", "optimisation_s", "eval_s", "task_decode_s", "task_reward_s")
+TIMING_KEYS = ("sampling_s", "optimisation_s", "eval_s", "task_decode_s", "task_reward_s", "audit_s")
 RESUMABLE_CHANGES = ("num_updates", "progress", "checkpoint_path", "checkpoint_every", "device_batch", "device")  # may differ on resume
 
 
@@ -97,6 +102,22 @@ class TrainConfig:
     not change); 0: no limit"""
     eval_every: int = 10
     """evaluate before the first update and after every eval_every updates (and at the end)"""
+    audit_every: int = 0
+    """every this many updates (0: never), before the update's sampling, audit the previews: finish an
+    unpruned group of G_0 for ``audit_prompts`` prompts and measure at every call the preview-to-final
+    Spearman, the OVF overlap and their standard errors (``fidelity.audit``). Never trained on; its own
+    noise and prompts; its NFE, reward calls and seconds are logged apart (``audit`` in the history)"""
+    audit_prompts: int = 4
+    """prompts (groups) per audit: the standard errors shrink like 1 / sqrt(audit_prompts)"""
+    adaptive: bool = False
+    """after each audit, move the prune checkpoints by ``adaptive.decide`` (needs audit_every > 0, a pruned
+    schedule and selection "all"); the placement is logged per update (``placement``)"""
+    fidelity_target: float = 0.5
+    """tau in [-1, 1]: the Spearman a call's previews must clear with their lower bound to be pruned on.
+    0.5: the previews order a group at least halfway as the final rewards do (notebook 03 measured 0.51 and
+    0.77 at the paper's calls 5 and 7 on the pretrained flow model)"""
+    fidelity_z: float = 1.645
+    """z of the one-sided bounds rho +- z se (1.645: 95%)"""
     cluster_delta: float = 0.5
     """delta of the clustering region |A| <= delta (logged per update)"""
     seed: int = 0
@@ -188,6 +209,13 @@ def _validate(c: TrainConfig) -> None:
     number("max_grad_norm", 0, math.inf)
     integer("device_batch", 0)
     integer("eval_every", 1)
+    integer("audit_every", 0)
+    integer("audit_prompts", 1)
+    need(isinstance(c.adaptive, bool), f"adaptive={c.adaptive!r} must be True or False")
+    check_target(c.fidelity_target, c.fidelity_z)
+    need(not c.adaptive or (c.audit_every > 0 and c.schedule.prune_steps and c.selection == "all"),
+         f"adaptive=True needs audit_every > 0 (got {c.audit_every}), a pruned schedule (got prune_steps="
+         f"{c.schedule.prune_steps}) and selection='all' (got {c.selection!r})")
     number("cluster_delta", 0, math.inf)
     integer("seed", 0)
     try:
@@ -212,6 +240,8 @@ ARMS = {
     "flash": dict(schedule=PRESETS["flash"]),
     "dance_grpo": dict(schedule=PRESETS["dance_grpo"], sampler=DDIM(20, eta=1.0)),
     "standard_sd14": dict(schedule=PRESETS["standard_sd14"], sampler=DDIM(20, eta=1.0)),
+    "ovf_48": dict(schedule=PruneSchedule((48,), (), 10), selection="ovf", select_k=12),
+    "adaptive": dict(schedule=PRESETS["standard"], audit_every=10, adaptive=True),
 }
 
 
@@ -306,20 +336,42 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
         row = {"update": u, **task.evaluate(model, config.sampler), "eval_s": time.perf_counter() - t} if lead else None
         history["evals"].append(shards.broadcast(row))
 
+    placement = None  # the adaptive schedule's current placement (None: the config's schedule)
+    if config.adaptive and history["updates"] and "placement" in history["updates"][-1]:
+        placement = _placement_from(history["updates"][-1]["placement"], config.schedule)
+
+    def run_audit(u):  # on the first process, shared with the others; its own prompts and noise
+        t = time.perf_counter()
+        row = None
+        if lead:
+            g = torch.Generator().manual_seed(derive_seed("audit", config.seed, u))
+            prompts = task.sample_prompts(config.audit_prompts, g).to(dev)
+            row = audit(model, config.sampler, task.reward, prompts, config.schedule.group_sizes[0],
+                        config.schedule.final_size, TrajectoryNoise(config.seed, u, stream="audit"),
+                        latent_shape=task.latent_shape)
+            row["audit_s"] = time.perf_counter() - t
+        return shards.broadcast(row)
+
     if start == 0:
         run_eval(0)
     bar = tqdm(range(start, config.num_updates), desc=config.arm, disable=not (config.progress and lead), initial=start,
                total=config.num_updates)
     for u in bar:
+        audited = run_audit(u + 1) if config.audit_every and u % config.audit_every == 0 else None
+        if audited is not None and config.adaptive:
+            estimates = {int(c): e for c, e in audited["fidelity"].items()}
+            current = placement.calls if placement is not None else config.schedule.prune_steps
+            placement = decide(config.schedule, current, estimates, config.fidelity_target, config.fidelity_z)
+        cfg = config if placement is None else _placed(config, placement)
         t0 = time.perf_counter()
         counter.nfe = 0
         costs_before = dict(task_costs)
         generator = per_update_generator(config.seed, u + 1)  # prompts, random subsets, mini-batch order
-        shard = collect(counter, task, config, u + 1, generator, shards)
+        shard = collect(counter, task, cfg, u + 1, generator, shards)
         R = shard.rewards  # [P, K], the whole groups' (the same on every process)
         t1 = time.perf_counter()
         A = group_advantages(R, config.adv_eps, config.global_std, config.adv_clip)
-        stats = optimise(model, reference, optimizer, shard, A, config, generator, shards)
+        stats = optimise(model, reference, optimizer, shard, A, cfg, generator, shards)
         t2 = time.perf_counter()
         counted = [counter.nfe, *(task_costs[k] - costs_before[k] for k in task_costs)]
         nfe, *cost_sums = shards.sum_(torch.tensor(counted, dtype=torch.float64, device=dev)).tolist()  # over processes
@@ -337,6 +389,9 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
             "optimisation_s": seconds[1],
             **stats,
             **{f"task_{k}": v for k, v in zip(task_costs, cost_sums)},  # e.g. decodes, reward calls, their seconds: summed over processes
+            **({"audit": {k: v for k, v in audited.items() if k != "audit_s"}, "audit_s": audited["audit_s"]}
+               if audited is not None else {}),
+            **({"placement": placement.to_dict()} if placement is not None else {}),
         })
         if (u + 1) % config.eval_every == 0 or u + 1 == config.num_updates:
             run_eval(u + 1)
@@ -350,12 +405,29 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
     return history
 
 
+def _placed(config: TrainConfig, placement: Placement) -> TrainConfig:
+    """The config this update samples and trains with: the placement's schedule and selection."""
+    from dataclasses import replace
+
+    return replace(config, schedule=placement.schedule, selection=placement.selection, select_k=placement.select_k,
+                   adaptive=False, audit_every=0, progress=False)
+
+
+def _placement_from(d: dict, base: PruneSchedule) -> Placement:
+    """A logged placement back (for resume)."""
+    schedule = PruneSchedule(tuple(d["group_sizes"]), tuple(d["prune_steps"]), base.num_steps)
+    return Placement(schedule, d["selection"], d["select_k"], tuple(d["moves"]))
+
+
 def _check_resumable(saved: dict, history: dict, path) -> None:
     """Refuse to resume a run whose config or task differs from the checkpoint's, naming the fields."""
+    defaults = {f.name: _jsonable(TrainConfig().to_dict()[f.name]) for f in fields(TrainConfig)}
+
     def diff(a: dict, b: dict, prefix: str):
         keys = sorted(set(a) | set(b))
         return [f"{prefix}{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys
-                if k not in RESUMABLE_CHANGES and _jsonable(a.get(k)) != _jsonable(b.get(k))]
+                if k not in RESUMABLE_CHANGES and _jsonable(a.get(k)) != _jsonable(b.get(k))
+                and not (prefix == "" and k not in a and _jsonable(b.get(k)) == defaults.get(k))]  # a field added since, at its default
 
     differing = diff(saved.get("config", {}), history["config"], "") + diff(saved.get("task", {}), history["task"], "task.")
     if differing:

@@ -25,7 +25,9 @@ def test_every_arm_trains(arm):
                   else (TASK, "flow_grpo" if arm == "g12" else "g12"))
     h = train(arm_config(arm, **TINY), task)
     for row in h["updates"]:
-        assert row["nfe_per_prompt"] == cfg.schedule.nfe()
+        placed = row.get("placement")  # the adaptive arm samples with the audit's placement
+        nfe = PruneSchedule(tuple(placed["group_sizes"]), tuple(placed["prune_steps"]), 10).nfe() if placed else cfg.schedule.nfe()
+        assert row["nfe_per_prompt"] == nfe
         assert row["trained_per_prompt"] == cfg.trained_group_size
         assert 0 <= row["cluster_frac"] <= 1 and row["ratio_dev_first"] < 1e-5
     assert [e["update"] for e in h["evals"]] == [0, 2]
