@@ -61,19 +61,23 @@ def check_target(target: float, z: float) -> None:
 def decide(base: PruneSchedule, current: tuple[int, ...], estimates: dict[int, dict], target: float,
            z: float = 1.645) -> Placement:
     """Place ``base``'s checkpoints (now at ``current``, one per checkpoint of ``base``; ``None`` for a
-    dropped one) by the rule of the module docstring. ``estimates``: ``{call c: {"mean", "se"}}``, NaN
-    allowed (an unmeasured call counts as not shown good and not shown bad)."""
+    dropped one) by the rule of the module docstring. ``estimates``: ``{call c: {"mean", "se"}}``; a call
+    missing, or with a mean or standard error that is NaN or None (fewer than 2 groups), counts as neither
+    shown good nor shown bad.
+
+    z is a normal quantile: with n audited groups the t quantile is larger (2.35 for n = 4 at 95%), and the
+    earliest of several calls is taken, so the bounds are optimistic for small audits; raise
+    ``audit_prompts`` (or z) where that matters."""
     check_target(target, z)
     if len(current) != len(base.prune_steps):
         raise ValueError(f"current={current} must give one call (or None) per checkpoint of {base.prune_steps}")
     T = base.num_steps
 
-    def bounds(c):
-        e = estimates.get(c, {})
-        mean, se = e.get("mean", math.nan), e.get("se", math.nan)
-        if math.isnan(mean):
+    def bounds(c):  # an unmeasured call, or one without a standard error, is neither shown good nor shown bad
+        e = estimates.get(c) or {}
+        mean, se = e.get("mean"), e.get("se")
+        if mean is None or se is None or math.isnan(mean) or math.isnan(se):
             return -math.inf, math.inf
-        se = 0.0 if math.isnan(se) else se
         return mean - z * se, mean + z * se
 
     placed, moves, prev = [], [], 0

@@ -87,25 +87,30 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def audit(model, sampler, reward_fn, prompts: torch.Tensor, group_size: int, k: int, noise, *, latent_shape) -> dict:
+def audit(model, sampler, reward_fn, prompts: torch.Tensor, group_size: int, k: int, noise, *, latent_shape,
+          max_batch: int = 0) -> dict:
     """Finish an unpruned group of ``group_size`` for each of ``prompts`` ``[P]``, score the preview at every
     call 1..T-1 and the final samples, and return per call (JSON keys: the call as a string)
 
         {"fidelity": {c: summarize(rho_c)}, "overlap": {c: summarize(OVF_k overlap)}, "chance": k / G,
          "final_std": summarize(within-group std of R), "nfe": network evaluations, "reward_images": scored}
 
-    Nothing here is trained on; the caller gives it its own noise stream."""
+    Nothing here is trained on; the caller gives it its own noise stream. ``max_batch`` bounds every network and
+    reward call (0: no bound). A NaN (a constant group; a standard error of fewer than 2 groups) is logged as None."""
     counter = NFECounter(model)
     steps = tuple(range(1, sampler.num_steps))
     scored = {"n": 0}
 
     def counted(images, p):
         scored["n"] += len(images)
-        return reward_fn(images, p)
+        step = max_batch or len(images)
+        return torch.cat([reward_fn(images[i:i + step], p[i:i + step]) for i in range(0, len(images), step)])
 
-    ro, proxies = record_previews(counter, sampler, prompts, group_size, counted, steps, noise, latent_shape=latent_shape)
+    ro, proxies = record_previews(counter, sampler, prompts, group_size, counted, steps, noise, latent_shape=latent_shape,
+                                  max_batch=max_batch)
     final = ro.final_rewards(counted)
-    return {"fidelity": {str(c): summarize(spearman(p, final)) for c, p in proxies.items()},
-            "overlap": {str(c): summarize(ovf_overlap(p, final, k)) for c, p in proxies.items()},
-            "chance": overlap_chance(k, group_size), "final_std": summarize(final.std(1)),
+    safe = lambda s: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in s.items()}
+    return {"fidelity": {str(c): safe(summarize(spearman(p, final))) for c, p in proxies.items()},
+            "overlap": {str(c): safe(summarize(ovf_overlap(p, final, k))) for c, p in proxies.items()},
+            "chance": overlap_chance(k, group_size), "final_std": safe(summarize(final.std(1))),
             "nfe": counter.nfe, "reward_images": scored["n"]}

@@ -113,7 +113,8 @@ def expand_and_prune(
     return out
 
 
-def record_previews(model, sampler: Sampler, prompts, group_size, reward_fn, steps, noise=None, *, latent_shape):
+def record_previews(model, sampler: Sampler, prompts, group_size, reward_fn, steps, noise=None, *, latent_shape,
+                    max_batch: int = 0):
     """An unpruned rollout that scores the preview x0_hat of every trajectory at each of ``steps``.
 
     For measuring proxy fidelity: returns (rollout, {step: preview rewards [P, G]}). Nothing is pruned.
@@ -125,7 +126,7 @@ def record_previews(model, sampler: Sampler, prompts, group_size, reward_fn, ste
         return None
 
     out = rollout(model, sampler, prompts, group_size, noise, preview_steps=tuple(steps), on_preview=score,
-                  latent_shape=latent_shape)
+                  latent_shape=latent_shape, max_batch=max_batch)
     return out, proxies
 
 

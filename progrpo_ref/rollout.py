@@ -161,9 +161,11 @@ def rollout(
     on_preview: Callable | None = None,
     *,
     latent_shape: tuple[int, ...],
+    max_batch: int = 0,
 ) -> Rollout:
     """Sample ``group_size`` trajectories for each of the P ``prompts`` ``[P]``; see the module doc.
-    ``noise``: the update's ``TrajectoryNoise`` (an int is a seed); ``latent_shape``: the task's [C, H, W]."""
+    ``noise``: the update's ``TrajectoryNoise`` (an int is a seed); ``latent_shape``: the task's [C, H, W];
+    ``max_batch``: at most this many trajectories per network call (0: all at once; NFE is the same)."""
     _check(sampler, prompts, group_size, preview_steps, latent_shape)
     P, T = len(prompts), sampler.num_steps
     g = group_size
@@ -179,7 +181,7 @@ def rollout(
         return flat
 
     flat = rollout_flat(model, sampler, prompts.repeat_interleave(g), keys, noise, preview_steps,
-                        prune if on_preview is not None else None, latent_shape=latent_shape)
+                        prune if on_preview is not None else None, latent_shape=latent_shape, max_batch=max_batch)
     return Rollout(
         prompts=flat.prompts.view(P, g),
         latents=flat.latents.view(P, g, T + 1, *latent_shape),

@@ -50,6 +50,9 @@ from .samplers import DDIM, FlowSDE, Sampler, sampler_from_dict, sampler_to_dict
 from .task import check_task
 
 TIMING_KEYS = ("sampling_s", "optimisation_s", "eval_s", "task_decode_s", "task_reward_s", "audit_s")
+# fields added after checkpoints were first written, with the value that behaves as before they existed:
+# a checkpoint without the field resumes when the field has that value
+ADDED_FIELDS = {"audit_every": 0, "audit_prompts": 4, "adaptive": False, "fidelity_target": 0.5, "fidelity_z": 1.645}
 RESUMABLE_CHANGES = ("num_updates", "progress", "checkpoint_path", "checkpoint_every", "device_batch", "device")  # may differ on resume
 
 
@@ -213,9 +216,10 @@ def _validate(c: TrainConfig) -> None:
     integer("audit_prompts", 1)
     need(isinstance(c.adaptive, bool), f"adaptive={c.adaptive!r} must be True or False")
     check_target(c.fidelity_target, c.fidelity_z)
-    need(not c.adaptive or (c.audit_every > 0 and c.schedule.prune_steps and c.selection == "all"),
-         f"adaptive=True needs audit_every > 0 (got {c.audit_every}), a pruned schedule (got prune_steps="
-         f"{c.schedule.prune_steps}) and selection='all' (got {c.selection!r})")
+    need(not c.adaptive or (c.audit_every > 0 and c.audit_prompts >= 2 and c.schedule.prune_steps and c.selection == "all"),
+         f"adaptive=True needs audit_every > 0 (got {c.audit_every}), audit_prompts >= 2 for a standard error (got "
+         f"{c.audit_prompts}), a pruned schedule (got prune_steps={c.schedule.prune_steps}) and selection='all' "
+         f"(got {c.selection!r})")
     number("cluster_delta", 0, math.inf)
     integer("seed", 0)
     try:
@@ -347,8 +351,8 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
             g = torch.Generator().manual_seed(derive_seed("audit", config.seed, u))
             prompts = task.sample_prompts(config.audit_prompts, g).to(dev)
             row = audit(model, config.sampler, task.reward, prompts, config.schedule.group_sizes[0],
-                        config.schedule.final_size, TrajectoryNoise(config.seed, u, stream="audit"),
-                        latent_shape=task.latent_shape)
+                        config.trained_group_size, TrajectoryNoise(config.seed, u, stream="audit"),
+                        latent_shape=task.latent_shape, max_batch=config.device_batch)
             row["audit_s"] = time.perf_counter() - t
         return shards.broadcast(row)
 
@@ -421,13 +425,11 @@ def _placement_from(d: dict, base: PruneSchedule) -> Placement:
 
 def _check_resumable(saved: dict, history: dict, path) -> None:
     """Refuse to resume a run whose config or task differs from the checkpoint's, naming the fields."""
-    defaults = {f.name: _jsonable(TrainConfig().to_dict()[f.name]) for f in fields(TrainConfig)}
-
     def diff(a: dict, b: dict, prefix: str):
         keys = sorted(set(a) | set(b))
         return [f"{prefix}{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys
                 if k not in RESUMABLE_CHANGES and _jsonable(a.get(k)) != _jsonable(b.get(k))
-                and not (prefix == "" and k not in a and _jsonable(b.get(k)) == defaults.get(k))]  # a field added since, at its default
+                and not (prefix == "" and k not in a and k in ADDED_FIELDS and b.get(k) == ADDED_FIELDS[k])]
 
     differing = diff(saved.get("config", {}), history["config"], "") + diff(saved.get("task", {}), history["task"], "task.")
     if differing:

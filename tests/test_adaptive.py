@@ -46,6 +46,8 @@ def test_a_noisy_estimate_does_not_move_a_checkpoint():
     assert decide(STANDARD, (5, 7), bad_here, target=0.5).schedule.prune_steps == (8, 9)
     unmeasured = {c: {"mean": math.nan, "se": math.nan} for c in range(1, 10)}
     assert decide(STANDARD, (5, 7), unmeasured, target=0.5).schedule.prune_steps == (5, 7)
+    one_group = {2: {"mean": 0.9, "se": None, "n": 1}, **{c: {"mean": 0.1, "se": None, "n": 1} for c in (5, 7)}}
+    assert decide(STANDARD, (5, 7), one_group, target=0.5).moves == ("stays 5", "stays 7")  # no standard error: no evidence
 
 
 @pytest.mark.parametrize("target", [1.5, -1.01, "0.5", True])
@@ -61,6 +63,8 @@ def test_adaptive_needs_an_audit_and_a_pruned_schedule():
         TrainConfig(schedule=SMALL, adaptive=True)
     with pytest.raises(ValueError, match="a pruned schedule"):
         TrainConfig(schedule=PRESETS["flow_grpo"], audit_every=1, adaptive=True)
+    with pytest.raises(ValueError, match="audit_prompts >= 2"):
+        TrainConfig(schedule=SMALL, audit_every=1, adaptive=True, audit_prompts=1)
 
 
 def test_audit_counts_and_a_faithful_last_call(flow_model, sde, margin_reward):
@@ -103,11 +107,11 @@ def test_adaptive_placement_is_logged_sampled_with_and_resumed(tmp_path, monkeyp
     h = train(config(audit_every=2, adaptive=True, fidelity_target=0.5), TASK)
     assert h["updates"][0]["placement"]["group_sizes"] == [8] and h["updates"][0]["nfe_per_prompt"] == 80
     assert h["updates"][0]["trained_per_prompt"] == 4 and h["updates"][0]["placement"]["moves"] == ["drops 5", "drops 7"]
-    monkeypatch.undo()
-    full = train(config(audit_every=2, adaptive=True, fidelity_target=0.3, num_updates=4,
-                        checkpoint_path=str(tmp_path / "full.safetensors")), TASK)
+    # resume: update 4 has no audit of its own (audits at 1 and 3), so it samples with the restored placement
+    kw = dict(audit_every=2, adaptive=True, fidelity_target=0.5, num_updates=4)
+    full = train(config(**kw, checkpoint_path=str(tmp_path / "full.safetensors")), TASK)
     part = tmp_path / "part.safetensors"
-    train(config(audit_every=2, adaptive=True, fidelity_target=0.3, num_updates=2, checkpoint_path=str(part)), TASK)
-    resumed = train(config(audit_every=2, adaptive=True, fidelity_target=0.3, num_updates=4, checkpoint_path=str(part)),
-                    TASK, resume=True)
+    train(config(**{**kw, "num_updates": 3}, checkpoint_path=str(part)), TASK)
+    resumed = train(config(**kw, checkpoint_path=str(part)), TASK, resume=True)
+    assert "audit" not in resumed["updates"][3] and resumed["updates"][3]["nfe_per_prompt"] == 80
     assert strip_timings(resumed) == strip_timings(full)

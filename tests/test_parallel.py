@@ -186,3 +186,21 @@ def test_launch_retries_only_the_teardown_abort(tmp_path):
     assert r.returncode == 0 and counter.read_text() == "2"  # failed once with the abort, then passed
     other = launch([sys.executable, "-c", "import sys; sys.exit('a real error')"], capture_output=True, text=True)
     assert other.returncode == 1 and "a real error" in other.stderr  # not retried into success
+
+
+def test_the_audit_and_the_placement_are_the_same_on_two_processes(tmp_path):
+    import json
+
+    common = ["-m", "progrpo_ref", "train", "--task", "digits", "--arm", "adaptive", "--updates", "1", "--prompts", "2",
+              "--set", "audit_every=1", "--set", "audit_prompts=2", "--set", "eval_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rows = {}
+    for name in ("one process", "torchrun"):
+        out = tmp_path / f"{name}.json"
+        r = launch([*LAUNCHERS[name][1], *common, "--history", str(out)], cwd=REPO, env=env, capture_output=True,
+                   text=True, timeout=TIMEOUT)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        rows[name] = json.loads(out.read_text())["updates"][0]
+    one, two = rows["one process"], rows["torchrun"]
+    assert one["audit"] == two["audit"] and one["placement"] == two["placement"]  # audited once, on the first process
+    assert two["nfe_per_prompt"] == one["nfe_per_prompt"]
