@@ -431,7 +431,13 @@ def _check_resumable(saved: dict, history: dict, path) -> None:
                 if k not in RESUMABLE_CHANGES and _jsonable(a.get(k)) != _jsonable(b.get(k))
                 and not (prefix == "" and k not in a and k in ADDED_FIELDS and b.get(k) == ADDED_FIELDS[k])]
 
-    differing = diff(saved.get("config", {}), history["config"], "") + diff(saved.get("task", {}), history["task"], "task.")
+    saved_config = dict(saved.get("config", {}))
+    if isinstance(saved_config.get("sampler"), dict):  # a sampler field added since (e.g. FlowSDE.grid) takes its default
+        try:
+            saved_config["sampler"] = sampler_to_dict(sampler_from_dict(saved_config["sampler"]))
+        except (TypeError, ValueError):
+            pass  # left as saved: the comparison below names it
+    differing = diff(saved_config, history["config"], "") + diff(saved.get("task", {}), history["task"], "task.")
     if differing:
         raise ValueError(f"cannot resume from {path}: the config differs from the checkpoint's in "
                          + "; ".join(differing) + f" (only {', '.join(RESUMABLE_CHANGES)} may change)")

@@ -69,6 +69,35 @@ def test_ddim_mean_and_std_match_diffusers_step(prediction_type, eta):
         assert step.std.flatten()[0] > 0
 
 
+@pytest.mark.parametrize("T", [50, 20, 7])
+def test_leading_spacing_is_stable_diffusion_v1s_schedule_and_step(T):
+    """SD-v1's scheduler config (DDPO, DanceGRPO): scaled_linear betas, "leading" timesteps + steps_offset 1."""
+    from diffusers import DDIMScheduler
+
+    sd = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    ref = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, timestep_spacing="leading", steps_offset=1, **sd)
+    ref.set_timesteps(T)
+    ours = DDIM.from_scheduler_config(dict(ref.config), T, eta=1.0, follow_spacing=True)
+    assert ours.spacing == "leading" and ours.steps_offset == 1
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    if T == 50:
+        assert ours.timesteps[0] == 981 and ours.timesteps[-1] == 1
+    g = torch.Generator().manual_seed(1)
+    x, out = randn(3, 4, 8, 8, g=g), randn(3, 4, 8, 8, g=g)
+    for i in (0, T // 2, T - 1):  # the last step goes to final_alpha_cumprod, as diffusers' does
+        t = int(ref.timesteps[i])
+        mean = ref.step(out, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+        ones = ref.step(out, t, x, eta=1.0, variance_noise=torch.ones_like(x)).prev_sample
+        step = ours.step(out, x, i, noise=torch.zeros_like(x))
+        assert torch.allclose(step.mean, mean, atol=2e-5, rtol=1e-5), i
+        assert torch.allclose(step.std.expand_as(x), ones - mean, atol=2e-5, rtol=1e-4), i
+    assert DDIM.from_scheduler_config(dict(ref.config), T).spacing == "trailing"  # the default is unchanged
+    with pytest.raises(ValueError, match="steps_offset=1 must be"):
+        DDIM(T, steps_offset=1)
+    with pytest.raises(ValueError, match="spacing='linspace'"):
+        DDIM(T, spacing="linspace")
+
+
 def test_ddim_eta_zero_is_diffusers_deterministic_step():
     T = 20
     ref, ours = diffusers_ddim(T), DDIM(T, eta=1.0).deterministic()

@@ -159,3 +159,26 @@ def test_config_round_trips_through_json():
     assert ddim["sampler"]["family"] == "DDIM" and TrainConfig(**json.loads(json.dumps(ddim))) == arm_config("standard_sd14")
     p = arm_config("flow_grpo", device=torch.device("cpu"), checkpoint_path=Path("/tmp/x.safetensors"))
     assert p.device == "cpu" and p.checkpoint_path == "/tmp/x.safetensors" and json.dumps(p.to_dict())
+
+
+def test_a_checkpoint_from_before_a_field_was_added_still_resumes(tmp_path):
+    """Checkpoints written before FlowSDE.grid and the audit fields existed lack them; at their defaults they resume."""
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "old.safetensors"
+    base = dict(num_updates=1, prompts_per_update=2, eval_every=1, progress=False, checkpoint_path=str(path))
+    train(arm_config("flow_grpo", **base), TASK)
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    state = _json.loads(meta["state"])
+    del state["config"]["sampler"]["grid"]
+    for k in ("audit_every", "audit_prompts", "adaptive", "fidelity_target", "fidelity_z"):
+        del state["config"][k]
+    save_file(tensors, str(path), metadata={**meta, "state": _json.dumps(state)})
+    h = train(arm_config("flow_grpo", **{**base, "num_updates": 2}), TASK, resume=True)
+    assert len(h["updates"]) == 2
+    with pytest.raises(ValueError, match="audit_every"):  # a real difference is still refused
+        train(arm_config("flow_grpo", **{**base, "num_updates": 3, "audit_every": 1}), TASK, resume=True)

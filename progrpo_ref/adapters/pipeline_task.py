@@ -314,10 +314,9 @@ class SDPipelineTask(PipelineTask):
         return latents / self.pipeline.vae.config.scaling_factor
 
     def sampler(self, num_steps: int = 20, eta: float = 1.0) -> DDIM:
-        """DDIM with eta on the betas and prediction type of this pipeline's scheduler. Its timesteps are the
-        trailing ones (999 ... for T = 50: 999, 979, ..., 19), not the "leading" 981 ... 1 that SD-v1's
-        DDIMScheduler config (and so DDPO and DanceGRPO) walks: see ``samplers/ddim.py``."""
-        return DDIM.from_scheduler_config(dict(self.pipeline.scheduler.config), num_steps, eta)
+        """DDIM with eta on the betas, prediction type and timestep spacing of this pipeline's scheduler:
+        SD-v1's config walks the "leading" timesteps 981, 961, ..., 1 in 50 steps, as DDPO and DanceGRPO do."""
+        return DDIM.from_scheduler_config(dict(self.pipeline.scheduler.config), num_steps, eta, follow_spacing=True)
 
     def check_sampler(self, sampler):
         if not isinstance(sampler, DDIM):
@@ -328,6 +327,10 @@ class SDPipelineTask(PipelineTask):
                 or not torch.allclose(ours.alphas_cumprod, sampler.alphas_cumprod)):
             raise ValueError(f"{sampler!r} does not match the pipeline's scheduler (betas or prediction type); "
                              f"use task.sampler({sampler.num_steps}, eta={sampler.eta})")
+        if not torch.equal(ours.timesteps, sampler.timesteps):
+            warnings.warn(f"{sampler!r} does not walk the pipeline scheduler's timesteps "
+                          f"({ours.spacing}: {ours.timesteps[0].item()}, ..., {ours.timesteps[-1].item()}); "
+                          f"task.sampler(T) does", stacklevel=3)
 
 
 def _fingerprint(net: torch.nn.Module) -> str:

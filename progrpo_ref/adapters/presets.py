@@ -4,7 +4,7 @@ r"""The paper's real-model settings as ``TrainConfig``s for a pipeline task.
 shift 3, T = 10, SDE noise level 0.7, the first 9 steps trained) and the arm's funnel:
 ``flow_grpo`` (24), ``standard`` (48 -> 24 -> 12 at calls 5, 7) or ``flash`` (24 -> 16 -> 12).
 ``sd14_config(task, arm)``: Stable Diffusion v1.4 with DanceGRPO's sampling (DDIM, eta 1, T = 50; on
-trailing timesteps, where DanceGRPO's scheduler walks leading ones, see ``samplers/ddim.py``):
+the pipeline scheduler's timesteps: SD-v1's leading 981, 961, ..., 1):
 ``dance_grpo`` (16) or ``standard_sd14`` (48 -> 32 -> 8 at calls 30, 40, the paper's SD-v1.4 setting).
 
 Flow-GRPO's other SD3.5 values carry over as they are, because its log-prob is also averaged over the

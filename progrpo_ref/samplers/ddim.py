@@ -22,7 +22,10 @@ i = 0 .. T-1, step i going from t_i to t_{i+1}, and the last one to alpha_bar_0 
 which would make the last step deterministic). When T does not divide N, diffusers steps to
 t_i - N // T, which is not the timestep it evaluates next; we step to t_{i+1}, so the steps agree
 with diffusers' exactly when T divides N (tested at 10, 20 and 50 of 1000; the timesteps themselves
-agree for any T for which diffusers returns T of them). Its defaults would clip x0_hat to [-1, 1] and end
+agree for any T for which diffusers returns T of them). ``spacing="leading"`` with ``steps_offset`` gives the
+timesteps k N // T + offset of Stable Diffusion v1's scheduler config (981, ..., 1 in 50 steps: DDPO's and
+DanceGRPO's), whose steps are N // T apart, so they agree with diffusers' exactly (tested at 7, 20 and 50,
+including the last step). Its defaults would clip x0_hat to [-1, 1] and end
 on a zero-variance step; neither reaches training here. The betas are computed in torch exactly as
 diffusers does for "linear" and "scaled_linear" (Stable Diffusion's), so the method does not need
 diffusers; ``DDIM.from_scheduler_config`` reads them from a diffusers scheduler's config dict.
@@ -37,6 +40,7 @@ import torch
 from .base import Sampler, SamplerStep, check_pair, gaussian_step, per_sample
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+SPACINGS = ("trailing", "leading")
 BETA_SCHEDULES = ("linear", "scaled_linear")
 
 
@@ -108,7 +112,7 @@ def betas_for(num_train_timesteps: int, beta_start: float, beta_end: float, beta
 
 @dataclass(frozen=True)
 class DDIM(Sampler):
-    """DDPO's stochastic DDIM step (eta = 1 by default) on T trailing timesteps of an N-step training schedule."""
+    """DDPO's stochastic DDIM step (eta = 1 by default) on T trailing (or leading) timesteps of an N-step training schedule."""
 
     num_steps: int = 20
     """T: sampling steps"""
@@ -124,6 +128,11 @@ class DDIM(Sampler):
     """"linear" (DDPM) or "scaled_linear" (Stable Diffusion)"""
     prediction_type: str = "epsilon"
     """what the network predicts: "epsilon" (the noise) or "v_prediction" """
+    spacing: str = "trailing"
+    """the sampling timesteps: "trailing" (N - 1 first) or "leading" (k N // T + steps_offset, diffusers'
+    spacing in Stable Diffusion v1's scheduler config, which DDPO and DanceGRPO sample with)"""
+    steps_offset: int = 0
+    """added to "leading" timesteps (SD-v1: 1, so 50 steps walk 981, 961, ..., 1)"""
 
     def __post_init__(self):
         def integer(v):
@@ -138,6 +147,13 @@ class DDIM(Sampler):
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type={self.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
         _check_eta(self.eta)
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing={self.spacing!r} must be one of {SPACINGS}")
+        if not integer(self.steps_offset) or self.steps_offset < 0 or (self.spacing == "trailing" and self.steps_offset):
+            raise ValueError(f"steps_offset={self.steps_offset!r} must be an integer >= 0, and 0 with trailing spacing")
+        if self.spacing == "leading" and (self.num_steps - 1) * (self.num_train_timesteps // self.num_steps) + self.steps_offset >= self.num_train_timesteps:
+            raise ValueError(f"steps_offset={self.steps_offset} puts the first leading timestep beyond N - 1 = "
+                             f"{self.num_train_timesteps - 1}")
         betas_for(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)  # validates the name
         ab = self.alpha_bars
         if not ab[0] > 0:
@@ -148,17 +164,24 @@ class DDIM(Sampler):
                              f"(the last timestep is already 0); use fewer steps")
 
     @classmethod
-    def from_scheduler_config(cls, config: dict, num_steps: int = 20, eta: float = 1.0) -> "DDIM":
+    def from_scheduler_config(cls, config: dict, num_steps: int = 20, eta: float = 1.0, follow_spacing: bool = False) -> "DDIM":
         """From a diffusers scheduler's ``config`` (DDPM, DDIM, PNDM ...): the model's training schedule
-        (betas) and prediction type. The sampling schedule is always the trailing one of the module
-        docstring: the config's ``timestep_spacing``, ``steps_offset`` and ``set_alpha_to_one`` (sampling
-        settings; Stable Diffusion v1's scheduler walks "leading" timesteps 951 ... 1) are not used."""
+        (betas) and prediction type. The sampling timesteps are the trailing ones unless ``follow_spacing``:
+        then the config's ``timestep_spacing`` ("leading" or "trailing") and ``steps_offset`` (Stable
+        Diffusion v1's scheduler walks "leading" timesteps 981 ... 1 in 50 steps). ``set_alpha_to_one`` is
+        not used: the last step goes to alpha_bar_0 (module docstring)."""
         keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
         if config.get("trained_betas") is not None:
             raise ValueError("schedulers with explicit trained_betas are not supported")
         if config.get("rescale_betas_zero_snr"):
             raise ValueError("rescale_betas_zero_snr=True (zero terminal SNR) is not supported")
-        return cls(num_steps=num_steps, eta=eta, **{k: config[k] for k in keys if k in config})
+        spacing = {}
+        if follow_spacing:
+            name = config.get("timestep_spacing", "leading")
+            if name not in SPACINGS:
+                raise ValueError(f"timestep_spacing={name!r} is not supported; use one of {SPACINGS}")
+            spacing = dict(spacing=name, steps_offset=int(config.get("steps_offset", 0)) if name == "leading" else 0)
+        return cls(num_steps=num_steps, eta=eta, **{k: config[k] for k in keys if k in config}, **spacing)
 
     @cached_property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -168,10 +191,12 @@ class DDIM(Sampler):
 
     @cached_property
     def timesteps(self) -> torch.Tensor:
-        """The T sampling timesteps, noisy first ``[T]`` long ("trailing" spacing: N-1 is the first),
+        """The T sampling timesteps, noisy first ``[T]`` long. "trailing" spacing (N-1 is the first) is
         computed as diffusers does with ``np.arange(N, 0, -N / T)``: round(N + i delta) - 1 in float64
         with delta = (N - N / T) - N, halves to even."""
         N, T = self.num_train_timesteps, self.num_steps
+        if self.spacing == "leading":  # diffusers: (arange(T) * (N // T)).round()[::-1] + steps_offset
+            return (torch.arange(T) * (N // T)).flip(0) + self.steps_offset
         delta = (N - N / T) - N  # numpy's arange step, rounded as numpy rounds it
         return (torch.round(N + torch.arange(T, dtype=torch.float64) * delta) - 1).long()
 
