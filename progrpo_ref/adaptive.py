@@ -45,6 +45,12 @@ class Placement:
         steps = self.schedule.prune_steps
         return tuple(steps) + (None,) * (len(self.moves) - len(steps))
 
+    @classmethod
+    def from_dict(cls, d: dict, num_steps: int) -> "Placement":
+        """The inverse of ``to_dict`` (a placement read back from a history, for resume)."""
+        schedule = PruneSchedule(tuple(d["group_sizes"]), tuple(d["prune_steps"]), num_steps)
+        return cls(schedule, d["selection"], d["select_k"], tuple(d["moves"]))
+
     def to_dict(self) -> dict:
         return {"calls": list(self.calls), "group_sizes": list(self.schedule.group_sizes),
                 "prune_steps": list(self.schedule.prune_steps), "selection": self.selection, "select_k": self.select_k,

@@ -24,7 +24,7 @@ import torch
 
 from .ovf import ovf_select
 from .pro_grpo import record_previews
-from .rollout import NFECounter
+from .rollout import NFECounter, in_calls_of
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -101,10 +101,11 @@ def audit(model, sampler, reward_fn, prompts: torch.Tensor, group_size: int, k: 
     steps = tuple(range(1, sampler.num_steps))
     scored = {"n": 0}
 
+    bounded = in_calls_of(reward_fn, max_batch)
+
     def counted(images, p):
         scored["n"] += len(images)
-        step = max_batch or len(images)
-        return torch.cat([reward_fn(images[i:i + step], p[i:i + step]) for i in range(0, len(images), step)])
+        return bounded(images, p)
 
     ro, proxies = record_previews(counter, sampler, prompts, group_size, counted, steps, noise, latent_shape=latent_shape,
                                   max_batch=max_batch)

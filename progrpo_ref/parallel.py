@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from .grpo import grpo_objective
 from .ovf import select_subset
-from .rollout import FlatRollout, rollout_flat
+from .rollout import FlatRollout, in_calls_of, rollout_flat
 
 
 class Shards:
@@ -144,11 +144,7 @@ def collect_shard(model: Callable, task, config, update: int, generator: torch.G
     order = torch.arange(G0).repeat(P, 1)  # canonical order of each group's live trajectories [P, g]
     records = []
 
-    def reward(images, image_prompts):  # in calls of at most device_batch images, like the network
-        if len(images) == 0:
-            return images.new_zeros(0)
-        n = config.device_batch or len(images)
-        return torch.cat([task.reward(x, c) for x, c in zip(images.split(n), image_prompts.split(n))])
+    reward = in_calls_of(task.reward, config.device_batch)  # in calls of at most device_batch images, like the network
 
     def prune(c, x0_hat, c_prompts, live_keys):
         nonlocal order

@@ -43,6 +43,18 @@ class NFECounter(torch.nn.Module):
         return self.model(x, t, prompts)
 
 
+def in_calls_of(reward_fn: Callable, max_batch: int) -> Callable:
+    """``reward_fn(images [B, ...], prompts [B]) -> [B]`` called on at most ``max_batch`` images at a time
+    (0: all at once), the results concatenated: a reward call bounded like the network's."""
+    def bounded(images, prompts):
+        if len(images) == 0:
+            return images.new_zeros(0)
+        n = max_batch or len(images)
+        return torch.cat([reward_fn(images[i:i + n], prompts[i:i + n]) for i in range(0, len(images), n)])
+
+    return bounded
+
+
 @dataclass
 class Rollout:
     """The trajectories of one rollout. K = trajectories kept per prompt (G when nothing is pruned)."""

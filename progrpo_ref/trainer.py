@@ -31,7 +31,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable
 
 import torch
@@ -342,7 +342,7 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
 
     placement = None  # the adaptive schedule's current placement (None: the config's schedule)
     if config.adaptive and history["updates"] and "placement" in history["updates"][-1]:
-        placement = _placement_from(history["updates"][-1]["placement"], config.schedule)
+        placement = Placement.from_dict(history["updates"][-1]["placement"], config.schedule.num_steps)
 
     def run_audit(u):  # on the first process, shared with the others; its own prompts and noise
         t = time.perf_counter()
@@ -411,16 +411,8 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
 
 def _placed(config: TrainConfig, placement: Placement) -> TrainConfig:
     """The config this update samples and trains with: the placement's schedule and selection."""
-    from dataclasses import replace
-
     return replace(config, schedule=placement.schedule, selection=placement.selection, select_k=placement.select_k,
                    adaptive=False, audit_every=0, progress=False)
-
-
-def _placement_from(d: dict, base: PruneSchedule) -> Placement:
-    """A logged placement back (for resume)."""
-    schedule = PruneSchedule(tuple(d["group_sizes"]), tuple(d["prune_steps"]), base.num_steps)
-    return Placement(schedule, d["selection"], d["select_k"], tuple(d["moves"]))
 
 
 def _check_resumable(saved: dict, history: dict, path) -> None:

@@ -40,12 +40,11 @@ from ..adapters.tiny import clip_tokenizer
 from ..pro_grpo import PRESETS
 from ..trainer import train
 from .pipeline_costs import PAPER_RATIO, PICKSCORE_CLIP, epoch_costs
+from .results import GPU as GPU_JSON  # the file study.results renders the README's GPU table from
 
 ARMS = ("flow_grpo", "standard", "flash")
 PROMPTS = ["a photo of a cat on the grass", "a red bird in the sky", "a painting of a big dog", "a small blue fish",
            "a yellow table", "a drawing of a green bird", "a photo of a dog on a table", "a big red fish"]
-REPO = Path(__file__).resolve().parents[2]
-GPU_JSON = REPO / "figures" / "gpu_pipeline.json"
 
 
 def sd35_size_task(device: str, layers: int | None = None, resolution: int = 512, small: bool = False,
