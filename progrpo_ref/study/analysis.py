@@ -82,8 +82,8 @@ def selection_bias(model, sampler, reward_fn, prompts, schedule: PruneSchedule, 
 def curve(histories: list[dict], key: str, x: str = "update", seconds_per_update: float | None = None):
     """(x ``[E]``, values ``[S, E]``) of an evaluation key across S seeded runs.
 
-    ``x`` is ``"update"``, ``"nfe"`` (cumulative network evaluations per prompt) or ``"seconds"``
-    (cumulative sampling + optimisation seconds, averaged over seeds; with ``seconds_per_update`` the
+    ``x`` is ``"update"``, ``"nfe"`` (cumulative network evaluations per prompt, audits included) or ``"seconds"``
+    (cumulative sampling + optimisation + audit seconds, averaged over seeds; with ``seconds_per_update`` the
     cost is that clean, separately measured figure times the update, instead of the runs' own timings,
     which are noisy when runs share the cores)."""
     vals = torch.tensor([[e[key] for e in h["evals"]] for h in histories])
@@ -207,7 +207,9 @@ def _cumulative(h: dict, x: str, seconds_per_update: float | None = None) -> tup
     if x == "update" or (x == "seconds" and seconds_per_update is not None):
         scale = 1.0 if x == "update" else seconds_per_update
         return [scale * e["update"] for e in h["evals"]], h["evals"]
-    col = {"nfe": lambda r: r["nfe_per_prompt"], "seconds": lambda r: r["sampling_s"] + r["optimisation_s"]}[x]
+    P = h["config"]["prompts_per_update"]  # an audit (adaptive schedule, fidelity monitor) is part of the cost
+    col = {"nfe": lambda r: r["nfe_per_prompt"] + (r["audit"]["nfe"] / P if "audit" in r else 0.0),
+           "seconds": lambda r: r["sampling_s"] + r["optimisation_s"] + r.get("audit_s", 0.0)}[x]
     cum = [0.0]
     for r in h["updates"]:
         cum.append(cum[-1] + col(r))
