@@ -27,7 +27,7 @@ test: venv
 
 # Re-execute every notebook in order, in place, in the full profile (they rewrite figures/ and their part of
 # figures/results.json), then the benchmark (figures/bench_cpu.{md,json}, figures/bench_scaling.png), then
-# regenerate the README's result sections from those files. About 45 minutes on 2 cores.
+# regenerate the README's result sections from those files. About 60 minutes on 2 cores.
 reproduce: venv
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \

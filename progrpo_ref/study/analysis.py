@@ -207,8 +207,8 @@ def _cumulative(h: dict, x: str, seconds_per_update: float | None = None) -> tup
     if x == "update" or (x == "seconds" and seconds_per_update is not None):
         scale = 1.0 if x == "update" else seconds_per_update
         return [scale * e["update"] for e in h["evals"]], h["evals"]
-    P = h["config"]["prompts_per_update"]  # an audit (adaptive schedule, fidelity monitor) is part of the cost
-    col = {"nfe": lambda r: r["nfe_per_prompt"] + (r["audit"]["nfe"] / P if "audit" in r else 0.0),
+    # an audit (adaptive schedule, fidelity monitor) is part of the cost: its NFE per prompt of the update
+    col = {"nfe": lambda r: r["nfe_per_prompt"] + (r["audit"]["nfe"] / h["config"]["prompts_per_update"] if "audit" in r else 0.0),
            "seconds": lambda r: r["sampling_s"] + r["optimisation_s"] + r.get("audit_s", 0.0)}[x]
     cum = [0.0]
     for r in h["updates"]:

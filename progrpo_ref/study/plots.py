@@ -17,7 +17,8 @@ from .analysis import curve
 REPO_FIGURES = Path(__file__).resolve().parents[2] / "figures"
 PROFILE_ENV = "PROGRPO_PROFILE"
 COLORS = {"flow_grpo": "C0", "g12": "C7", "ovf": "C3", "random": "C2", "standard": "C1", "flash": "C4",
-          "top": "C5", "split": "C6", "bottom": "C8"}
+          "top": "C5", "split": "C6", "bottom": "C8", "paper (5,7)": "C1", "late (6,8)": "C5", "adaptive": "C2",
+          "adaptive 0.8": "C9", "ovf_48": "C3"}
 
 
 def current_profile(default: str = "quick") -> str:

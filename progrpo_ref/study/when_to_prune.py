@@ -118,12 +118,13 @@ def screen_configs(num_updates: int, seed: int = 0, **overrides) -> dict[str, Tr
                              **overrides) for name, s in SCREEN.items()}
 
 
-def comparison_arms(sampler: Sampler, **overrides) -> dict[str, TrainConfig]:
+def comparison_arms(sampler: Sampler, audit_every: int = 10, **overrides) -> dict[str, TrainConfig]:
     """The arms of notebook 06 in one setting: the paper's checkpoints (5, 7), later fixed ones (6, 8), the
-    adaptive schedule, static OVF 12 of 48 ("expand, then select on final rewards") and Flow-GRPO 24."""
+    adaptive schedule (audited every ``audit_every`` updates, starting at (5, 7)), static OVF 12 of 48 ("expand,
+    then select on final rewards") and Flow-GRPO 24. ``overrides`` go to every arm."""
     return {"paper (5,7)": arm_config("standard", arm="paper (5,7)", sampler=sampler, **overrides),
             "late (6,8)": arm_config("standard", arm="late (6,8)", schedule=LATE, sampler=sampler, **overrides),
-            "adaptive": arm_config("adaptive", sampler=sampler, **overrides),
+            "adaptive": arm_config("adaptive", sampler=sampler, audit_every=audit_every, **overrides),
             "ovf_48": arm_config("ovf_48", sampler=sampler, **overrides),
             "flow_grpo": arm_config("flow_grpo", sampler=sampler, **overrides)}
 
@@ -156,7 +157,7 @@ def run_screen(task, num_updates: int, prompts: torch.Tensor, group_size: int = 
                workers: int | None = None, **overrides) -> dict:
     """Screen every candidate of ``SCREEN``: train ``screen_configs`` (in parallel), then measure on the
     pretrained and on the trained policy ``fidelity_by_call`` (one group per prompt ``[P]``) and the held-out
-    accuracy of the final samples. Returns {name: {"pretrained": ..., "trained": ..., "accuracy": {"pretrained",
+    accuracy of the final samples (the overlap at k = min(12, G / 2)). Returns {name: {"pretrained": ..., "trained": ..., "accuracy": {"pretrained",
     "trained"}, "history": ...}}; ``passes(result)`` applies ``CRITERION``."""
     import tempfile
     from pathlib import Path
@@ -173,7 +174,7 @@ def run_screen(task, num_updates: int, prompts: torch.Tensor, group_size: int = 
     for name, c in configs.items():
         row = {"history": histories[name], "accuracy": {}}
         for which, model in (("pretrained", pretrained), ("trained", policies[name])):
-            row[which] = fidelity_by_call(model, c.sampler, task.reward, prompts, group_size, seed=seed,
+            row[which] = fidelity_by_call(model, c.sampler, task.reward, prompts, group_size, k=min(12, group_size // 2), seed=seed,
                                           accuracy_fn=heldout_accuracy, latent_shape=task.latent_shape)
             row["accuracy"][which] = row[which].pop("accuracy")
         out[name] = row
