@@ -238,26 +238,31 @@ def render_when(r: dict) -> str:
     settings = [s for s in w["arms"] if s != second] + [second]  # the headline first (the file's keys are sorted)
     first = lambda keys, preferred: [k for k in preferred if k in keys] + sorted(k for k in keys if k not in preferred)
 
-    def at(f: dict, fractions=(0.3, 0.5, 0.7, 0.9)) -> list[float]:  # rho at the same fractions of the steps
+    def call_at(f: dict, x: float) -> int:  # the index of the call nearest the fraction x of the steps
         T = len(f["calls"]) + 1
-        return [f["rho"][f["calls"].index(round(x * T))] for x in fractions]
+        return min(range(len(f["calls"])), key=lambda i: abs(f["calls"][i] - x * T))
+
+    def at(f: dict, fractions=(0.3, 0.5, 0.7, 0.9)) -> list[float]:  # rho at the same fractions of the steps
+        return [f["rho"][call_at(f, x)] for x in fractions]
+
+    acc = lambda v: "n/a" if v is None else f"{v:.2f}"
 
     screen = [f"| {n} | {' / '.join(f'{v:.2f}' for v in at(s['pretrained'], (0.5, 0.7)))} | "
-              f"{' / '.join(f'{v:.2f}' for v in at(s['trained'], (0.5, 0.7)))} | {s['trained']['accuracy']:.2f} | "
-              f"{s['eval_margin']:.2f} | {'yes' if s['passes'] else 'no'} |" for n, s in w["screen"].items()]
+              f"{' / '.join(f'{v:.2f}' for v in at(s['trained'], (0.5, 0.7)))} | {acc(s['trained']['accuracy'])} | "
+              f"{s['eval_margin']:.2f} | {'yes' if s['passes'] else 'no'} |" for n, s in sorted(w["screen"].items(), reverse=True)]  # a=0.7 first
     fidelity = []
     for key in sorted(w["fidelity"], key=lambda k: ((settings + ["CPS", "DDIM"]).index(k.split("|")[0])
                                                     if k.split("|")[0] in settings + ["CPS", "DDIM"] else 99,
                                                     k.split("|")[1] != "pretrained", k)):
         f = w["fidelity"][key]
         setting, policy = key.split("|")
-        T = len(f["calls"]) + 1
-        mid = f["calls"].index(round(0.5 * T))
+        mid = call_at(f, 0.5)
         fidelity.append(f"| {setting} | {policy} | {' / '.join(f'{v:.2f}' for v in at(f))} | "
-                        f"{f['overlap'][mid]:.2f} ({f['chance']:.2f}) | {f['final_std']:.2f} | {f['accuracy']:.2f} |")
+                        f"{f['overlap'][mid]:.2f} ({f['chance']:.2f}) | {f['final_std']:.2f} | {acc(f['accuracy'])} |")
     spread = [f"{k}: raw fall {g['raw_fall']:+.2f}, left once the spread is fitted {g['b'][2]:+.2f} +- {g['se'][2]:.2f} "
               f"(slope on log spread {g['b'][1]:+.2f} +- {g['se'][1]:.2f}, {g['n']} groups)" for k, g in sorted(w["regression"].items(), key=lambda kv: (settings.index(kv[0].split(" call")[0])
-                                                                      if kv[0].split(" call")[0] in settings else 99, kv[0]))]
+                                                                      if kv[0].split(" call")[0] in settings else 99,
+                                                                      int(kv[0].rsplit(" ", 1)[1])))]
     arms = first(list(w["arms"][settings[0]]), ["paper (5,7)", "late (6,8)", "adaptive", "adaptive 0.8", "ovf_48", "flow_grpo"])
     arm_rows = [f"| {a} | " + " | ".join(f"{w['arms'][s][a]['eval_margin']['mean']:.2f} +- {w['arms'][s][a]['eval_margin']['std']:.2f}"
                                          for s in settings) + " |" for a in arms]

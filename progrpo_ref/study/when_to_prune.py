@@ -86,13 +86,17 @@ def fidelity_by_call(model, sampler: Sampler, reward_fn, prompts: torch.Tensor, 
 def spread_regression(rho: torch.Tensor, spread: torch.Tensor, trained: torch.Tensor) -> dict:
     """Least squares rho_g = b_0 + b_1 log s_g + b_2 trained_g over groups ``[N]`` (NaN rho left out), with the
     classical standard errors sqrt(diag(s^2 (X^T X)^-1)), s^2 = RSS / (N - 3); also the fall b_2 would be
-    without the spread term (the plain difference of means). Returns {"b": [3], "se": [3], "raw_fall", "n"}."""
+    without the spread term (the plain difference of means). Returns {"b": [3], "se": [3], "raw_fall", "n"}.
+
+    The classical errors treat the groups as independent with one residual variance; groups drawn for the same
+    prompts and noise streams, and rho's own variance shrinking as it nears 1, make them optimistic, so read a
+    b_2 near 2 se as marginal."""
     if not (rho.shape == spread.shape == trained.shape and rho.dim() == 1):
         raise ValueError(f"rho {tuple(rho.shape)}, spread {tuple(spread.shape)}, trained {tuple(trained.shape)} "
                          "must be the same 1-d shape")
-    if (spread <= 0).any():
-        raise ValueError("every group's spread must be > 0 (log s)")
-    ok = ~torch.isnan(rho)
+    ok = ~torch.isnan(rho)  # a constant group (spread 0) has no ranking: left out
+    if (spread[ok] <= 0).any():
+        raise ValueError("every group with a rho must have a spread > 0 (log s)")
     y = rho[ok].double()
     t = trained[ok].double()
     X = torch.stack([torch.ones_like(y), spread[ok].double().log(), t], 1)
@@ -157,8 +161,8 @@ def run_screen(task, num_updates: int, prompts: torch.Tensor, group_size: int = 
                workers: int | None = None, **overrides) -> dict:
     """Screen every candidate of ``SCREEN``: train ``screen_configs`` (in parallel), then measure on the
     pretrained and on the trained policy ``fidelity_by_call`` (one group per prompt ``[P]``) and the held-out
-    accuracy of the final samples (the overlap at k = min(12, G / 2)). Returns {name: {"pretrained": ..., "trained": ..., "accuracy": {"pretrained",
-    "trained"}, "history": ...}}; ``passes(result)`` applies ``CRITERION``."""
+    accuracy of the final samples; the OVF overlap is taken at k = min(12, G / 2). Returns {name: {"pretrained": ...,
+    "trained": ..., "accuracy": {"pretrained", "trained"}, "history": ...}}; ``passes(result)`` applies ``CRITERION``."""
     import tempfile
     from pathlib import Path
 
