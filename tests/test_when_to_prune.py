@@ -13,7 +13,7 @@ from progrpo_ref import DDIM, FlowCPS, FlowSDE, PruneSchedule
 from progrpo_ref.digits import DigitsTask
 from progrpo_ref.noise import TrajectoryNoise
 from progrpo_ref.pro_grpo import record_previews
-from progrpo_ref.study.analysis import curve
+from progrpo_ref.study.analysis import curve, mean_cost
 from progrpo_ref.study.when_to_prune import (CRITERION, SCREEN, SECOND_SETTING, audit_share, comparison_arms,
                                              fidelity_by_call, noise_level, passes, placements, run_screen,
                                              spread_regression)
@@ -151,6 +151,7 @@ def test_audit_cost_placements_and_curves_count_the_audit():
     audit_nfe = 2 * (2 * 48 * 10)
     train_nfe = sum(r["nfe_per_prompt"] * 2 for r in h["updates"])
     assert audit_share(h)["nfe"] == pytest.approx(audit_nfe / (audit_nfe + train_nfe))
+    assert mean_cost([h])["nfe_with_audits"] == pytest.approx((train_nfe / 2 + audit_nfe / 2) / 3)
     xs, _ = curve([h], "eval_margin", x="nfe")
     assert xs[-1].item() == pytest.approx(train_nfe / 2 + audit_nfe / 2)  # per prompt, the audits included
     secs, _ = curve([h], "eval_margin", x="seconds")

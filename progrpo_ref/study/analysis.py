@@ -111,9 +111,23 @@ def _paired_stats(d: torch.Tensor) -> dict:
 
 
 def mean_cost(histories: list[dict]) -> dict:
-    """Per update, averaged over runs: NFE per prompt, sampling and optimisation seconds."""
+    """Per update, averaged over runs: NFE per prompt, sampling and optimisation seconds, and the NFE per prompt
+    and seconds with the audits included (``update_cost``; equal to the first ones for runs without audits)."""
     rows = [r for h in histories for r in h["updates"]]
-    return {k: sum(r[k] for r in rows) / len(rows) for k in ("nfe_per_prompt", "sampling_s", "optimisation_s")}
+    out = {k: sum(r[k] for r in rows) / len(rows) for k in ("nfe_per_prompt", "sampling_s", "optimisation_s")}
+    for x in ("nfe", "seconds"):
+        out[f"{x}_with_audits"] = sum(update_cost(h, r, x) for h in histories for r in h["updates"]) / len(rows)
+    return out
+
+
+def update_cost(h: dict, row: dict, x: str) -> float:
+    """One update's cost in run ``h``: ``"nfe"`` per prompt or ``"seconds"`` (sampling + optimisation), each with
+    the update's audit (adaptive schedule, fidelity monitor) included: its NFE per prompt of the update, its seconds."""
+    if x == "nfe":
+        return row["nfe_per_prompt"] + (row["audit"]["nfe"] / h["config"]["prompts_per_update"] if "audit" in row else 0.0)
+    if x == "seconds":
+        return row["sampling_s"] + row["optimisation_s"] + row.get("audit_s", 0.0)
+    raise ValueError(f"x={x!r} must be 'nfe' or 'seconds'")
 
 
 # ---------------------------------------------------------------- sanity checks readers should know
@@ -207,12 +221,9 @@ def _cumulative(h: dict, x: str, seconds_per_update: float | None = None) -> tup
     if x == "update" or (x == "seconds" and seconds_per_update is not None):
         scale = 1.0 if x == "update" else seconds_per_update
         return [scale * e["update"] for e in h["evals"]], h["evals"]
-    # an audit (adaptive schedule, fidelity monitor) is part of the cost: its NFE per prompt of the update
-    col = {"nfe": lambda r: r["nfe_per_prompt"] + (r["audit"]["nfe"] / h["config"]["prompts_per_update"] if "audit" in r else 0.0),
-           "seconds": lambda r: r["sampling_s"] + r["optimisation_s"] + r.get("audit_s", 0.0)}[x]
     cum = [0.0]
     for r in h["updates"]:
-        cum.append(cum[-1] + col(r))
+        cum.append(cum[-1] + update_cost(h, r, x))
     return [cum[e["update"]] for e in h["evals"]], h["evals"]
 
 
