@@ -7,7 +7,7 @@
 
 Under ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE`` > 1 in the environment) every process joins one
 ``torch.distributed`` group (gloo on CPU, nccl on CUDA, one GPU per process by ``LOCAL_RANK``) and
-``train`` spreads each update's groups over them (``progrpo_ref.parallel``). The first process writes the
+``train`` spreads each update's groups over them (``progrpo_ref.machinery.parallel``). The first process writes the
 history (``--history``) and the checkpoint.
 """
 from __future__ import annotations
@@ -51,7 +51,9 @@ def _init_distributed(device: str) -> str:
 
 
 def main(argv=None) -> int:
-    from .trainer import ARMS, TrainConfig, arm_config, train
+    from .algorithm.task import check_sampler
+    from .machinery.config import ARMS, TrainConfig, arm_config
+    from .machinery.trainer import train
 
     ap = argparse.ArgumentParser(prog="python -m progrpo_ref", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,15 +84,28 @@ def main(argv=None) -> int:
     known = {f.name for f in fields(TrainConfig)}
     extra = {}
     for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in known:
-            raise SystemExit(f"--set {name}: not a TrainConfig field ({', '.join(sorted(known))})")
-        extra[name] = json.loads(value)
-    device = _init_distributed(args.device)
+        name, eq, value = item.partition("=")
+        if name not in known or not eq:
+            t.error(f"argument --set: {item!r} must be NAME=VALUE with NAME a TrainConfig field ({', '.join(sorted(known))})")
+        try:
+            extra[name] = json.loads(value)
+        except json.JSONDecodeError:
+            t.error(f"argument --set: {item!r}: VALUE must be JSON (e.g. --set lr=3e-4, --set arm='\"mine\"')")
+    options = {"num_updates": "--updates", "prompts_per_update": "--prompts", "device_batch": "--device-batch",
+               "seed": "--seed", "device": "--device", "checkpoint_path": "--checkpoint"}
     base = dict(num_updates=args.updates, prompts_per_update=args.prompts, device_batch=args.device_batch, seed=args.seed,
-                device=device, checkpoint_path=args.checkpoint)
-    config = arm_config(args.arm, **{**base, **extra})
-    history = train(config, _task(args.task))
+                device=args.device, checkpoint_path=args.checkpoint)
+    task = _task(args.task)
+    try:  # every field is checked here, before any process group is joined
+        check_sampler(task, arm_config(args.arm, **{**base, **extra}).sampler)
+    except ValueError as e:
+        field = next((f for f in known if str(e).startswith(f"{f}=")), None)
+        where = (f"argument --set {field}" if field in extra else f"argument {options[field]}" if field in options
+                 else f"argument --arm {args.arm} with --task {args.task}")
+        t.error(f"{where}: {e}")
+    device = _init_distributed(args.device)
+    config = arm_config(args.arm, **{**base, "device": device, **extra})
+    history = train(config, task)
     import torch.distributed as dist
 
     first = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

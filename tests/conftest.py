@@ -20,6 +20,6 @@ def margin_reward():
 
 @pytest.fixture(scope="session")
 def sde():
-    from progrpo_ref.samplers import FlowSDE
+    from progrpo_ref.algorithm.samplers import FlowSDE
 
     return FlowSDE(10, 0.7)

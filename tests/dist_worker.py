@@ -5,7 +5,7 @@ Writes (rank 0) what the equivalence test compares: every trajectory sampled (ga
 by key), the pruning decisions, the advantages, the first mini-batch's max |log r| and the updated weights.
 
     dist_worker.py OUT.pt PROMPTS GROUP_SIZES PRUNE_STEPS SEED [--crash-rank R] [--device-batch B]
-                   [--strategy ovf|random|...] [--selection all|ovf|random|...]
+                   [--strategy ovf|random|...] [--selection all|ovf|random|...] [--bucket ELEMENTS]
 """
 import argparse
 import os
@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--device-batch", type=int, default=0)
     ap.add_argument("--strategy", default="ovf", help="how Expand-and-Prune picks survivors")
     ap.add_argument("--selection", default="all", help="static selection after the final reward (select_k = 2)")
+    ap.add_argument("--bucket", type=int, default=0, help="gradients summed in buckets of this many elements (0: default)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if "WORLD_SIZE" in os.environ:
@@ -33,15 +34,19 @@ def main():
         assert dist.get_world_size() == 2 and dist.get_backend() == "gloo", (dist.get_world_size(), dist.get_backend())
 
     from progrpo_ref.digits import DigitsTask
-    from progrpo_ref.grpo import group_advantages
-    from progrpo_ref.noise import per_update_generator
-    from progrpo_ref.parallel import Shards
-    from progrpo_ref.pro_grpo import PruneSchedule
-    from progrpo_ref.trainer import arm_config, collect, optimise
+    from progrpo_ref.algorithm.grpo import group_advantages
+    from progrpo_ref.algorithm.noise import per_update_generator
+    from progrpo_ref.machinery import parallel
+    from progrpo_ref.machinery.parallel import Processes
+    from progrpo_ref.algorithm.pro_grpo import PruneSchedule
+    from progrpo_ref.machinery.config import arm_config
+    from progrpo_ref.machinery.trainer import collect, optimise
 
-    shards = Shards()
-    if shards.rank == args.crash_rank:
-        raise RuntimeError(f"rank {shards.rank} crashes on purpose (test)")
+    processes = Processes()
+    if args.bucket:
+        parallel.BUCKET_ELEMENTS = args.bucket
+    if processes.rank == args.crash_rank:
+        raise RuntimeError(f"rank {processes.rank} crashes on purpose (test)")
     sizes = tuple(int(g) for g in args.group_sizes.split(","))
     steps = () if args.prune_steps == "-" else tuple(int(c) for c in args.prune_steps.split(","))
     cfg = arm_config("standard", schedule=PruneSchedule(sizes, steps, 10), prompts_per_update=args.prompts, seed=args.seed,
@@ -59,20 +64,18 @@ def main():
 
     optimizer = Recording([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     gen = per_update_generator(cfg.seed, 1)
-    shard = collect(model, task, cfg, 1, gen, shards)
-    A = group_advantages(shard.rewards, cfg.adv_eps, cfg.global_std, cfg.adv_clip)
-    stats = optimise(model, reference, optimizer, shard, A, cfg, gen, shards)
-    ro = shard.rollout
-    keys = shards.gather(ro.keys)
-    latents = shards.gather(ro.latents.flatten(1))
-    held = torch.tensor([len(ro.keys)])
-    held = shards.gather(held)
-    if shards.rank == 0:
+    ro, R = collect(model, task, cfg, 1, gen, processes)
+    A = group_advantages(R, cfg.adv_eps, cfg.global_std, cfg.adv_clip)
+    stats = optimise(model, reference, optimizer, ro, A, cfg, gen, processes)
+    keys = processes.gather(ro.keys)
+    latents = processes.gather(ro.latents.flatten(1))
+    held = processes.gather(torch.tensor([len(ro.keys)]))
+    if processes.rank == 0:
         order = (keys[:, 0] * 1000 + keys[:, 1]).argsort()
-        torch.save({"keys": keys[order], "latents": latents[order], "advantages": A, "rewards": shard.rewards,
-                    "keep": [p["keep"] for p in shard.previews], "stats": stats, "held": held, "grads": grads,
+        torch.save({"keys": keys[order], "latents": latents[order], "advantages": A, "rewards": R,
+                    "keep": [p["keep"] for p in ro.previews], "stats": stats, "held": held, "grads": grads,
                     "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}, args.out)
-    if shards.active:
+    if processes.active:
         dist.barrier()
         dist.destroy_process_group()
 

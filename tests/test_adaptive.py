@@ -6,12 +6,14 @@ import math
 import pytest
 import torch
 
-from progrpo_ref.adaptive import decide
+from progrpo_ref.beyond_paper.adaptive import decide
 from progrpo_ref.digits import DigitsTask
-from progrpo_ref.fidelity import audit
-from progrpo_ref.noise import TrajectoryNoise
-from progrpo_ref.pro_grpo import PRESETS, PruneSchedule
-from progrpo_ref.trainer import TrainConfig, strip_timings, train
+from progrpo_ref.beyond_paper.fidelity import audit
+from progrpo_ref.algorithm.noise import TrajectoryNoise
+from progrpo_ref.algorithm.pro_grpo import PRESETS, PruneSchedule
+from progrpo_ref.machinery.config import TrainConfig
+from progrpo_ref.machinery.run import strip_timings
+from progrpo_ref.machinery.trainer import train
 
 STANDARD = PRESETS["standard"]  # 48 -> 24 -> 12 at calls 5 and 7 of 10
 TASK = DigitsTask(eval_per_class=1, eval_group=4)
@@ -100,10 +102,10 @@ def test_adaptive_placement_is_logged_sampled_with_and_resumed(tmp_path, monkeyp
     assert first["placement"]["prune_steps"] == [1, 2] and first["placement"]["selection"] == "all"
     assert first["nfe_per_prompt"] == PruneSchedule((8, 6, 4), (1, 2), 10).nfe()  # measured with the new schedule
     # a scripted audit in which every call is shown bad: expand to 8 and select 4 on final rewards (static OVF)
-    import progrpo_ref.trainer as trainer
+    import progrpo_ref.machinery.run as run
 
     scripted = {"fidelity": {str(c): {"mean": 0.1, "se": 0.01, "n": 2} for c in range(1, 10)}, "nfe": 0}
-    monkeypatch.setattr(trainer, "audit", lambda *args, **kw: dict(scripted))
+    monkeypatch.setattr(run, "audit", lambda *args, **kw: dict(scripted))
     h = train(config(audit_every=2, adaptive=True, fidelity_target=0.5), TASK)
     assert h["updates"][0]["placement"]["group_sizes"] == [8] and h["updates"][0]["nfe_per_prompt"] == 80
     assert h["updates"][0]["trained_per_prompt"] == 4 and h["updates"][0]["placement"]["moves"] == ["drops 5", "drops 7"]

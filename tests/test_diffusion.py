@@ -7,12 +7,12 @@ import torch
 from progrpo_ref import PRESETS, TrainConfig, arm_config, train
 from progrpo_ref.digits import DigitsTask
 from progrpo_ref.digits.data import IMAGE_SHAPE
-from progrpo_ref.grpo import grpo_objective, step_log_prob
-from progrpo_ref.noise import TrajectoryNoise
-from progrpo_ref.pro_grpo import expand_and_prune
-from progrpo_ref.rollout import NFECounter, rollout
-from progrpo_ref.samplers import DDIM, FlowCPS, FlowSDE
-from progrpo_ref.trainer import strip_timings
+from progrpo_ref.algorithm.grpo import grpo_objective, step_log_prob
+from progrpo_ref.algorithm.noise import TrajectoryNoise
+from progrpo_ref.algorithm.pro_grpo import expand_and_prune
+from progrpo_ref.algorithm.rollout import NFECounter, rollout
+from progrpo_ref.algorithm.samplers import DDIM, FlowCPS, FlowSDE
+from progrpo_ref.machinery.run import strip_timings
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def test_rescoring_in_the_rollouts_batch_gives_a_log_ratio_of_exactly_zero(diffu
     counter = NFECounter(diffusion_model)
     ro = rollout(counter, ddim, torch.tensor([0, 7, 3]), 4, TrajectoryNoise(2), latent_shape=IMAGE_SHAPE)
     assert counter.nfe == ro.nfe == 3 * 4 * 20 and counter.calls == 20  # measured NFE = the schedule's
-    assert ro.latents.shape == (3, 4, 21, 1, 8, 8) and ro.log_probs.shape == (3, 4, 20)
-    lat, c, old = ro.latents.flatten(0, 1), ro.prompts.flatten(), ro.log_probs.flatten(0, 1)
+    assert ro.latents.shape == (3 * 4, 21, 1, 8, 8) and ro.log_probs.shape == (3 * 4, 20)
+    lat, c, old = ro.latents, ro.prompts, ro.log_probs
     with torch.no_grad():
         for t in range(20):
             assert torch.equal(step_log_prob(diffusion_model, ddim, lat, c, t).log_prob, old[:, t]), t
@@ -61,7 +61,7 @@ def test_expand_and_prune_on_the_diffusion_model(diffusion_model, ddim):
     assert schedule.nfe() == 48 * 12 + 32 * 4 + 8 * 4 == 736 and PRESETS["dance_grpo"].nfe() == 320
     assert model.nfe == ro.nfe == 2 * 736 and model.calls == 20
     assert [p["step"] for p in ro.previews] == [12, 16] and [p["rewards"].shape for p in ro.previews] == [(2, 48), (2, 32)]
-    assert ro.latents.shape == (2, 8, 21, 1, 8, 8) and torch.isfinite(ro.log_probs).all()
+    assert ro.latents.shape == (2 * 8, 21, 1, 8, 8) and torch.isfinite(ro.log_probs).all()
 
 
 @pytest.mark.parametrize("arm", ["dance_grpo", "standard_sd14"])
@@ -121,8 +121,8 @@ def test_cps_trains_on_its_first_nine_steps_only(flow_model, margin_reward):
     # the rollout stores the deterministic last step's log-prob as NaN; the objective refuses it
     cps = FlowCPS(10, 0.8)
     ro = rollout(flow_model, cps, torch.tensor([4]), 3, 0, latent_shape=IMAGE_SHAPE)
-    assert torch.isnan(ro.log_probs[..., 9]).all() and torch.isfinite(ro.log_probs[..., :9]).all()
-    lat, c, old = ro.latents.flatten(0, 1), ro.prompts.flatten(), ro.log_probs.flatten(0, 1)
+    assert torch.isnan(ro.log_probs[:, 9]).all() and torch.isfinite(ro.log_probs[:, :9]).all()
+    lat, c, old = ro.latents, ro.prompts, ro.log_probs
     calls = NFECounter(flow_model)
     with pytest.raises(ValueError, match=r"steps=\[8, 9\] include a step of FlowCPS.* that is deterministic"):
         grpo_objective(calls, cps, lat, c, old, torch.ones(3), [8, 9], 1e-3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from progrpo_ref.fidelity import average_ranks, overlap_chance, ovf_overlap, spearman, summarize
+from progrpo_ref.beyond_paper.fidelity import average_ranks, overlap_chance, ovf_overlap, spearman, summarize
 
 
 def tied_rows(P=40, G=12, seed=0):

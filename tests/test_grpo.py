@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from progrpo_ref.grpo import clipped_policy_loss, gaussian_kl, group_advantages, grpo_objective, step_log_prob
-from progrpo_ref.rollout import rollout
-from progrpo_ref.samplers import FlowSDE
+from progrpo_ref.algorithm.grpo import clipped_policy_loss, gaussian_kl, group_advantages, grpo_objective, step_log_prob
+from progrpo_ref.algorithm.rollout import rollout
+from progrpo_ref.algorithm.samplers import FlowSDE
 
 
 def test_group_advantages_by_hand():
@@ -49,7 +49,7 @@ def test_gaussian_kl_matches_torch():
 def test_on_policy_ratio_is_exactly_one_and_splits_agree(flow_model, sde):
     g = torch.Generator().manual_seed(0)
     ro = rollout(flow_model, sde, torch.tensor([3, 7]), 8, 0, latent_shape=(1, 8, 8))
-    lat, c, old = ro.latents.flatten(0, 1), ro.prompts.flatten(), ro.log_probs.flatten(0, 1)
+    lat, c, old = ro.latents, ro.prompts, ro.log_probs
     with torch.no_grad():
         for t in range(10):
             lp = step_log_prob(flow_model, sde, lat, c, t).log_prob  # same batch as the rollout
@@ -96,7 +96,7 @@ def test_objective_gradient_matches_an_independent_computation():
     policy, ref = Affine([-0.3, 0.2], [0.5, -0.4]), Affine([-0.2, 0.1], [0.4, -0.5])
     prompts = torch.tensor([0, 1, 1, 0, 1])
     ro = rollout(ref, sampler, prompts, 1, 0, latent_shape=(1, 3, 3))
-    lat = ro.latents.flatten(0, 1)
+    lat = ro.latents
     # old log-probs: the policy's own, moved by -3e-3, 0 or +3e-3, so that about two thirds of the
     # ratios leave the clip range 1e-3 (both signs) and a third stay inside
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_objective_gradient_matches_an_independent_computation():
     adv = torch.tensor([1.2, -0.7, 0.4, -1.5, 0.6])
     steps, eps, beta = [0, 1, 2], 1e-3, 0.3
     out = grpo_objective(policy, sampler, lat, prompts, old, adv, steps, eps, beta, ref)
-    assert 0 < out.clip_frac < 1  # both branches of the min are exercised
+    assert 0 < out.clipped < 5 * len(steps)  # both branches of the min are exercised
     grad = torch.autograd.grad(out.loss, [policy.w, policy.u])
     J = independent_J(policy, ref, sampler, lat, prompts, old, adv, steps, eps, beta)
     want = torch.autograd.grad(-J, [policy.w, policy.u])
@@ -114,7 +114,7 @@ def test_objective_gradient_matches_an_independent_computation():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a, b)
     # finite differences where J is smooth (a clip range no ratio reaches), fp32 math: a coarse check
     wide = grpo_objective(policy, sampler, lat, prompts, old, adv, steps, 1.0, beta, ref)
-    assert wide.clip_frac == 0
+    assert wide.clipped == 0
     dw = torch.autograd.grad(wide.loss, policy.w)[0][1].item()
     h = 1e-2
     with torch.no_grad():
@@ -157,7 +157,7 @@ def test_one_update_raises_advantage_weighted_log_prob(sde):
     g = torch.Generator().manual_seed(0)
     ro = rollout(model, sde, torch.tensor([1, 5]), 8, 0, latent_shape=(1, 8, 8))
     A = group_advantages(torch.randn(2, 8, generator=g)).flatten()
-    lat, c = ro.latents.flatten(0, 1), ro.prompts.flatten()
+    lat, c = ro.latents, ro.prompts
 
     def objective():
         with torch.no_grad():
@@ -165,6 +165,6 @@ def test_one_update_raises_advantage_weighted_log_prob(sde):
 
     before = objective()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    grpo_objective(model, sde, lat, c, ro.log_probs.flatten(0, 1), A, range(10), 1.0, backward=True)
+    grpo_objective(model, sde, lat, c, ro.log_probs, A, range(10), 1.0, backward=True)
     opt.step()
     assert objective() > before

@@ -1,9 +1,12 @@
-"""The layout shows the architecture: the method imports nothing around it, nothing imports the study,
-and a built wheel carries every module and checkpoint.
+"""The layout shows the architecture, and the imports keep to it.
 
-The method is every module at the top of the package plus ``samplers/``; beside it sit ``digits/``
-(the digits task), ``adapters/`` (real models) and ``study/`` (analysis, plots, experiments, bench).
-The method may import the standard library, torch, tqdm, safetensors and itself.
+Three layers make the method: ``algorithm/`` (the paper's algorithm), ``machinery/`` (what scales it and keeps it
+safe) and ``beyond_paper/`` (what the paper does not have); ``minimal.py`` is the algorithm in one file. The
+algorithm imports neither of the others, ``beyond_paper`` imports only the algorithm, the machinery imports both.
+The method may import the standard library, torch, tqdm and safetensors (the algorithm torch alone). Beside it sit
+``digits/`` (the digits task), ``adapters/`` (real models) and ``study/`` (analysis, plots, experiments, bench);
+they import the method, the method never imports them, and nothing imports the study. A built wheel carries every
+module and checkpoint.
 """
 import ast
 import json
@@ -17,15 +20,31 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "progrpo_ref"
+LAYERS = ("algorithm", "machinery", "beyond_paper")
 BESIDE = ("digits", "adapters", "study")
-ALLOWED_THIRD_PARTY = ("torch", "tqdm", "safetensors")
+# what each part of the method may import: third-party roots, and the package's own parts ("." is the package's
+# top-level modules other than __main__)
+MAY_IMPORT = {
+    "algorithm": ({"torch"}, {"algorithm"}),
+    "beyond_paper": ({"torch"}, {"algorithm", "beyond_paper"}),
+    "machinery": ({"torch", "tqdm", "safetensors"}, {"algorithm", "beyond_paper", "machinery"}),
+    "minimal": ({"torch"}, {"algorithm.noise"}),
+    "__init__": ({"torch"}, {"algorithm", "beyond_paper", "machinery"}),
+}
 FORBIDDEN_LOADED = ("diffusers", "transformers", "sklearn", "matplotlib", "peft", "accelerate", "PIL")
 
 
+def part_of(path: Path) -> str:
+    """Which part of the method a file is: a layer's folder, or the top-level module's name."""
+    rel = path.relative_to(PKG).parts
+    return rel[0] if len(rel) > 1 else path.stem
+
+
 def method_modules() -> list[Path]:
-    """The method's modules. ``__main__.py`` is not one: the command line sits around the method (it
-    wires the digits tasks to the trainer), like the folders beside it."""
-    return sorted([p for p in PKG.glob("*.py") if p.name != "__main__.py"], key=str) + sorted((PKG / "samplers").glob("*.py"))
+    """The method's modules: the three layers, minimal.py and __init__.py. ``__main__.py`` is not one: the command
+    line sits around the method (it wires the digits tasks to the trainer), like the folders beside it."""
+    files = [PKG / "minimal.py", PKG / "__init__.py"]
+    return files + sorted(p for layer in LAYERS for p in (PKG / layer).rglob("*.py"))
 
 
 def module_name(path: Path, root: Path = REPO) -> str:
@@ -53,33 +72,57 @@ def imports(path: Path, root: Path = REPO) -> list[str]:
 
 
 def violations(path: Path, root: Path = REPO) -> list[str]:
+    """The imports of a method module that its part may not make."""
+    third_party, own = MAY_IMPORT[part_of(path if root == REPO else PKG / path.relative_to(root / "progrpo_ref"))]
     bad = []
     for name in imports(path, root):
-        root = name.split(".")[0]
-        if root == "progrpo_ref":
-            sub = name.split(".")[1] if "." in name else ""
-            if sub in BESIDE:
+        top = name.split(".")[0]
+        if top == "progrpo_ref":
+            rest = name.split(".")[1:]
+            if not rest or not any(".".join(rest[:len(o.split("."))]) == o for o in own):
                 bad.append(name)
-        elif root not in sys.stdlib_module_names and root not in ALLOWED_THIRD_PARTY and root != "__future__":
+        elif top not in sys.stdlib_module_names and top not in third_party and top != "__future__":
             bad.append(name)
     return bad
 
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):
-    fake = tmp_path / "progrpo_ref" / "samplers" / "probe.py"  # as if it were a method module
+    fake = tmp_path / "progrpo_ref" / "algorithm" / "samplers" / "probe.py"  # as if it were an algorithm module
     fake.parent.mkdir(parents=True)
-    fake.write_text("import torch\n\ndef f():\n    from ..digits.model import load_flow_model\n    import matplotlib.pyplot\n")
-    assert violations(fake, tmp_path) == ["progrpo_ref.digits.model", "progrpo_ref.digits.model.load_flow_model", "matplotlib.pyplot"]
+    fake.write_text("import torch\nfrom ..rollout import Rollout\n\ndef f():\n    from ...digits.model import load_flow_model\n"
+                    "    from ...machinery.trainer import train\n    import matplotlib.pyplot\n    import tqdm\n")
+    assert violations(fake, tmp_path) == ["progrpo_ref.digits.model", "progrpo_ref.digits.model.load_flow_model",
+                                          "progrpo_ref.machinery.trainer", "progrpo_ref.machinery.trainer.train",
+                                          "matplotlib.pyplot", "tqdm"]
 
 
-def test_the_method_imports_only_torch_tqdm_safetensors_and_itself():
+def test_the_folders_are_the_three_layers():
+    assert {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"} == {*LAYERS, *BESIDE}
+    assert {p.name for p in PKG.glob("*.py")} == {"__init__.py", "__main__.py", "minimal.py"}
+    algorithm = {p.stem for p in (PKG / "algorithm").rglob("*.py")}
+    assert {"rollout", "grpo", "ovf", "pro_grpo", "task", "noise", "flow_sde"} <= algorithm
+    assert {p.stem for p in (PKG / "machinery").glob("*.py")} >= {"config", "trainer", "run", "checkpoint", "parallel"}
+    assert {p.stem for p in (PKG / "beyond_paper").glob("*.py")} >= {"fidelity", "adaptive"}
+
+
+def test_each_layer_imports_only_what_it_may():
     mods = method_modules()
-    names = {m.name for m in mods}
-    assert {"rollout.py", "grpo.py", "ovf.py", "pro_grpo.py", "trainer.py", "task.py", "noise.py", "flow_sde.py"} <= names
-    seen = {m.name: imports(m) for m in mods}
-    assert sum(len(v) for v in seen.values()) > 40  # the walk really reads the imports
+    seen = {m: imports(m) for m in mods}
+    assert sum(len(v) for v in seen.values()) > 60  # the walk really reads the imports
+    assert any("progrpo_ref.algorithm.rollout" in v for m, v in seen.items() if part_of(m) == "machinery")
     bad = {module_name(m): violations(m) for m in mods if violations(m)}
     assert not bad, bad
+
+
+def test_the_checker_tells_the_layers_apart(tmp_path):
+    for layer, line, ok in [("beyond_paper", "from ..algorithm.ovf import ovf_select", True),
+                            ("beyond_paper", "from ..machinery.config import TrainConfig", False),
+                            ("machinery", "from ..beyond_paper.fidelity import audit", True),
+                            ("algorithm", "from ..beyond_paper.fidelity import audit", False)]:
+        fake = tmp_path / "progrpo_ref" / layer / f"probe_{ok}.py"
+        fake.parent.mkdir(parents=True, exist_ok=True)
+        fake.write_text(line + "\n")
+        assert (violations(fake, tmp_path) == []) == ok, (layer, line)
 
 
 def test_nothing_imports_the_study():
@@ -95,7 +138,7 @@ def test_importing_the_method_loads_nothing_around_it():
             "print(json.dumps(sorted(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     loaded = json.loads(out.stdout.splitlines()[-1])
-    assert "progrpo_ref.trainer" in loaded and "progrpo_ref.samplers.flow_sde" in loaded
+    assert "progrpo_ref.machinery.trainer" in loaded and "progrpo_ref.algorithm.samplers.flow_sde" in loaded
     beside = [m for m in loaded if m.split(".")[0] == "progrpo_ref" and len(m.split(".")) > 1 and m.split(".")[1] in BESIDE]
     third = [m for m in loaded if m.split(".")[0] in FORBIDDEN_LOADED]
     assert not beside and not third, (beside, third)
@@ -107,7 +150,7 @@ def test_public_names_are_kept():
     for name in ("SDEStep", "sde_step_with_logprob", "NFECounter", "Rollout", "rollout", "sample", "ovf_select",
                  "select_subset", "group_advantages", "clipped_policy_loss", "gaussian_kl", "step_log_prob",
                  "PruneSchedule", "PRESETS", "expand_and_prune", "record_previews", "grpo_objective", "FlowSDE",
-                 "Sampler", "Task", "TrainConfig", "arm_config", "train"):
+                 "Sampler", "Task", "TrainConfig", "arm_config", "train", "DDIM", "FlowCPS", "ARMS", "group_std"):
         assert hasattr(progrpo_ref, name) and name in progrpo_ref.__all__, name
 
 

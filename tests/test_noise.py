@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from progrpo_ref.noise import TrajectoryNoise, as_noise, derive_seed, per_update_generator
-from progrpo_ref.pro_grpo import PruneSchedule, expand_and_prune
-from progrpo_ref.rollout import rollout
-from progrpo_ref.samplers import FlowSDE
+from progrpo_ref.algorithm.noise import TrajectoryNoise, as_noise, derive_seed, per_update_generator
+from progrpo_ref.algorithm.pro_grpo import PruneSchedule, expand_and_prune
+from progrpo_ref.algorithm.rollout import rollout
+from progrpo_ref.algorithm.samplers import FlowSDE
 
 
 def shrink(x, t, prompts):
@@ -41,6 +41,7 @@ def test_pruning_does_not_change_the_survivors_noise():
     full = rollout(shrink, sde, prompts, 12, TrajectoryNoise(2, 8), latent_shape=(1, 4, 4))
     first, second = pruned.previews[0]["keep"], pruned.previews[1]["keep"]
     survivors = first.gather(1, second)  # indices into the expanded group of 12
+    assert torch.equal(pruned.kept, survivors)
     assert torch.equal(pruned.latents, full.select(survivors).latents)
     assert torch.equal(pruned.log_probs, full.select(survivors).log_probs)
 

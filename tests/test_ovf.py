@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from progrpo_ref.ovf import ovf_select, select_subset
+from progrpo_ref.algorithm.ovf import ovf_select, select_subset
 
 
 def brute_force_best_variance(r: torch.Tensor, k: int) -> float:
@@ -62,6 +62,9 @@ def test_other_strategies():
         (torch.randn(24), 1, "k=1 must be >= 2"),
         (torch.tensor([1.0, float("nan"), 2.0]), 2, "non-finite"),
         (torch.randn(2, 3, 4), 2, "must be \\[G\\] or \\[P, G\\]"),
+            ([1.0, 2.0, 3.0], 2, "got list"),
+            (torch.randn(24), 2.5, "k=2.5 must be an integer"),
+            (torch.randn(24), True, "k=True must be an integer"),
     ],
 )
 def test_bad_input(rewards, k, match):

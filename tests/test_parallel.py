@@ -72,6 +72,7 @@ def assert_same_update(one, two):
     (3, "7", "-", []),  # uneven: 3 prompts x G = 7 = 21, split 10 / 11, the second group spans both
     (3, "7,5", "6", ["--device-batch", 3]),  # uneven and pruned, passes of at most 3 trajectories
     (2, "8,6,4", "5,7", ["--strategy", "random", "--selection", "ovf"]),  # random prunes, then static OVF 2 of 4
+    (2, "8,4", "6", ["--bucket", 5000]),  # gradients summed in many buckets; some parameters larger than a bucket
 ])
 def test_two_processes_make_the_update_of_one(tmp_path, prompts, sizes, steps, extra):
     one, two = one_and_two(tmp_path, prompts, sizes, steps, 0, *extra)
@@ -85,15 +86,16 @@ def test_a_process_left_without_survivors_still_takes_part(tmp_path):
     """Find a seed whose OVF keeps only trajectories 0 and 1 of the single group (process 1 holds 2 and 3),
     then run it on two processes: process 1 trains on nothing but joins every collective call."""
     from progrpo_ref.digits import DigitsTask
-    from progrpo_ref.noise import per_update_generator
-    from progrpo_ref.pro_grpo import PruneSchedule
-    from progrpo_ref.trainer import arm_config, collect
+    from progrpo_ref.algorithm.noise import per_update_generator
+    from progrpo_ref.algorithm.pro_grpo import PruneSchedule
+    from progrpo_ref.machinery.config import arm_config
+    from progrpo_ref.machinery.trainer import collect
 
     task = DigitsTask(eval_per_class=1, eval_group=2)
     model = task.policy()
     for seed in range(40):
         cfg = arm_config("standard", schedule=PruneSchedule((4, 2), (5,), 10), prompts_per_update=1, seed=seed, progress=False)
-        keep = collect(model, task, cfg, 1, per_update_generator(seed, 1)).previews[0]["keep"]
+        keep = collect(model, task, cfg, 1, per_update_generator(seed, 1))[0].previews[0]["keep"]
         if set(keep.flatten().tolist()) == {0, 1}:
             break
     else:
@@ -139,41 +141,35 @@ def test_the_command_line_trains_the_same_under_each_launcher(tmp_path):
         assert h["evals"][-1]["eval_margin"] == pytest.approx(base["evals"][-1]["eval_margin"], abs=1e-4), name
 
 
-@pytest.mark.parametrize("arm", ["standard", "flash"])
-def test_the_trainers_path_is_expand_and_prune_in_one_process(arm):
-    """Training goes through parallel.collect_shard; the notebooks' analyses call pro_grpo.expand_and_prune.
-    In one process the two must be the same computation, bit for bit."""
+def test_the_trainer_prunes_through_expand_and_prune(monkeypatch):
+    """One Expand-and-Prune: the trainer's sampling is a call of the function the README shows, in one process
+    as in several (there it is handed the processes)."""
+    from progrpo_ref.algorithm import pro_grpo
     from progrpo_ref.digits import DigitsTask
-    from progrpo_ref.noise import TrajectoryNoise, per_update_generator
-    from progrpo_ref.pro_grpo import expand_and_prune
-    from progrpo_ref.trainer import arm_config, collect
+    from progrpo_ref.machinery import trainer
+    from progrpo_ref.machinery.config import arm_config
 
-    task = DigitsTask(eval_per_class=1, eval_group=2)
-    model = task.policy()
-    cfg = arm_config(arm, prompts_per_update=2, seed=3, progress=False)
-    shard = collect(model, task, cfg, 1, per_update_generator(3, 1))
-    gen = per_update_generator(3, 1)
-    prompts = task.sample_prompts(2, gen)
-    ro = expand_and_prune(model, cfg.sampler, prompts, cfg.schedule, task.reward, TrajectoryNoise(3, 1), "ovf", gen,
-                          latent_shape=task.latent_shape)
-    assert [p["step"] for p in ro.previews] == [p["step"] for p in shard.previews] == list(cfg.schedule.prune_steps)
-    assert all(torch.equal(a["keep"], b["keep"]) and torch.equal(a["rewards"], b["rewards"])
-               for a, b in zip(ro.previews, shard.previews))
-    assert torch.equal(ro.latents.flatten(0, 1), shard.rollout.latents)
-    assert torch.equal(ro.log_probs.flatten(0, 1), shard.rollout.log_probs)
-    assert torch.equal(ro.final_rewards(task.reward), shard.rewards)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["processes"])
+        return pro_grpo.expand_and_prune(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "expand_and_prune", spy)
+    cfg = arm_config("standard", num_updates=2, prompts_per_update=1, eval_every=2, progress=False)
+    h = trainer.train(cfg, DigitsTask(eval_per_class=1, eval_group=2))
+    assert len(calls) == 2 and all(p is not None and p.world == 1 for p in calls)
+    assert [u["nfe_per_prompt"] for u in h["updates"]] == [324, 324]
 
 
 def test_device_batch_splits_network_calls_without_changing_the_count(flow_model):
-    from progrpo_ref.rollout import NFECounter, rollout_flat
-    from progrpo_ref.samplers import FlowSDE
+    from progrpo_ref.algorithm.rollout import NFECounter, rollout
+    from progrpo_ref.algorithm.samplers import FlowSDE
 
-    keys = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(7), indexing="ij"), -1).view(-1, 2)
-    prompts = torch.tensor([3, 8])[keys[:, 0]]
     runs = {}
     for max_batch in (0, 5):
         counter = NFECounter(flow_model)
-        runs[max_batch] = rollout_flat(counter, FlowSDE(10), prompts, keys, 4, latent_shape=(1, 8, 8), max_batch=max_batch)
+        runs[max_batch] = rollout(counter, FlowSDE(10), torch.tensor([3, 8]), 7, 4, latent_shape=(1, 8, 8), max_batch=max_batch)
         assert counter.nfe == 14 * 10 and counter.calls == 10 * (1 if max_batch == 0 else 3)  # 14 = 5 + 5 + 4
     assert (runs[0].latents - runs[5].latents).abs().max() <= 1e-5  # only the batch composition differs
 

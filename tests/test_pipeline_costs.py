@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from progrpo_ref.pro_grpo import PruneSchedule
+from progrpo_ref.algorithm.pro_grpo import PruneSchedule
 from progrpo_ref.study.pipeline_costs import count_flops, epoch_costs, flop_table, per_pass_flops
 
 FAKE = {"network_forward": 1_000_003, "network_backward": 2_000_029, "vae_decode": 30_011, "reward": 401}
@@ -70,6 +70,6 @@ def test_sd35_per_pass_flops_and_the_table():
 
 
 def test_the_default_trained_steps_is_flow_grpos():
-    from progrpo_ref.trainer import TrainConfig
+    from progrpo_ref.machinery.config import TrainConfig
 
     assert TrainConfig(train_steps_fraction=0.99).trained_steps == 9

@@ -18,11 +18,13 @@ from progrpo_ref.adapters.lora import ADAPTER, LoRA, export_lora  # noqa: E402
 from progrpo_ref.adapters.pipeline_task import SD3PipelineTask, SDPipelineTask  # noqa: E402
 from progrpo_ref.adapters.presets import sd14_config, sd35_config  # noqa: E402
 from progrpo_ref.adapters.tiny import clip_tokenizer, tiny_sd3_pipeline, tiny_sd_pipeline  # noqa: E402
-from progrpo_ref.checkpoint import load_training_checkpoint  # noqa: E402
-from progrpo_ref.grpo import step_log_prob  # noqa: E402
-from progrpo_ref.pro_grpo import PruneSchedule  # noqa: E402
-from progrpo_ref.rollout import rollout  # noqa: E402
-from progrpo_ref.trainer import TrainConfig, strip_timings, train  # noqa: E402
+from progrpo_ref.machinery.checkpoint import load_training_checkpoint  # noqa: E402
+from progrpo_ref.algorithm.grpo import step_log_prob  # noqa: E402
+from progrpo_ref.algorithm.pro_grpo import PruneSchedule  # noqa: E402
+from progrpo_ref.algorithm.rollout import rollout  # noqa: E402
+from progrpo_ref.machinery.config import TrainConfig
+from progrpo_ref.machinery.run import strip_timings
+from progrpo_ref.machinery.trainer import train  # noqa: E402
 
 PROMPTS = ["a red cat", "a blue dog", "a green bird on grass", "a small fish", "a photo of a big dog"]
 KINDS = ("sd3", "sd")
@@ -109,11 +111,11 @@ def test_nfe_and_exact_rescoring_in_the_rollouts_batch(kind, guidance):
     passes = 2 if guidance > 1 else 1
     assert r.nfe == P * G * sampler.num_steps * passes == seen["rows"]
     assert seen["calls"] == sampler.num_steps
-    latents, prompts = r.latents.flatten(0, 1), r.prompts.flatten()
+    latents, prompts = r.latents, r.prompts
     for t in range(sampler.trainable_steps):
         with torch.no_grad():
             again = step_log_prob(policy, sampler, latents, prompts, t).log_prob
-        assert torch.equal(again, r.log_probs.flatten(0, 1)[:, t]), f"step {t}: log-ratio not exactly 0"
+        assert torch.equal(again, r.log_probs[:, t]), f"step {t}: log-ratio not exactly 0"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -358,7 +360,7 @@ def test_policy_twice_gives_the_same_fresh_adapter_and_host_embeddings_change_no
 
 def test_the_flow_grid_is_checked():
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from progrpo_ref.samplers import FlowSDE
+    from progrpo_ref.algorithm.samplers import FlowSDE
 
     with pytest.raises(ValueError, match="use_dynamic_shifting"):
         FlowSDE.from_scheduler(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 10)

@@ -2,11 +2,12 @@
 import pytest
 import torch
 
-from progrpo_ref.grpo import step_log_prob
-from progrpo_ref.ovf import ovf_select
-from progrpo_ref.pro_grpo import PRESETS, PruneSchedule, expand_and_prune, record_previews
-from progrpo_ref.rollout import NFECounter, rollout
-from progrpo_ref.samplers import FlowSDE
+from progrpo_ref.algorithm.grpo import step_log_prob
+from progrpo_ref.algorithm.ovf import ovf_select
+from progrpo_ref.algorithm.pro_grpo import PRESETS, PruneSchedule, expand_and_prune
+from progrpo_ref.beyond_paper.fidelity import record_previews
+from progrpo_ref.algorithm.rollout import NFECounter, rollout
+from progrpo_ref.algorithm.samplers import FlowSDE
 
 
 def test_schedule_nfe():
@@ -61,7 +62,8 @@ def test_measured_nfe_equals_the_schedule(flow_model, margin_reward, name):
         ro = rollout(counter, FlowSDE(), prompts, 24, 0, latent_shape=(1, 8, 8))
     assert counter.nfe == ro.nfe == sched.nfe() * 3
     assert counter.calls == 10  # one batched network call per step
-    assert ro.latents.shape == (3, sched.final_size, 11, 1, 8, 8) and ro.log_probs.shape == (3, sched.final_size, 10)
+    assert ro.latents.shape == (3 * sched.final_size, 11, 1, 8, 8) and ro.log_probs.shape == (3 * sched.final_size, 10)
+    assert ro.kept.shape == (3, sched.final_size)
 
 
 def test_expand_and_prune_keeps_the_ovf_subset_of_previews(flow_model, margin_reward, sde):
@@ -74,7 +76,7 @@ def test_expand_and_prune_keeps_the_ovf_subset_of_previews(flow_model, margin_re
         assert torch.equal(p["keep"], ovf_select(p["rewards"], p["keep"].shape[1]))
     # independent recomputation: the survivors' preview x0_hat = x - sigma v at the last prune step
     c = 7
-    lat, prompts = ro.latents.flatten(0, 1), ro.prompts.flatten()
+    lat, prompts = ro.latents, ro.prompts
     with torch.no_grad():
         x = lat[:, c - 1]
         x0_hat = x - sigmas[c - 1] * flow_model(x, sigmas[c - 1].expand(len(x)), prompts)
@@ -85,12 +87,12 @@ def test_expand_and_prune_keeps_the_ovf_subset_of_previews(flow_model, margin_re
     with torch.no_grad():
         for t in range(10):
             lp = step_log_prob(flow_model, sde, lat, prompts, t).log_prob
-            assert (lp - ro.log_probs.flatten(0, 1)[:, t]).abs().max() < 1e-5
+            assert (lp - ro.log_probs[:, t]).abs().max() < 1e-5
 
 
 def test_record_previews_prunes_nothing(flow_model, margin_reward, sde):
     ro, proxies = record_previews(flow_model, sde, torch.tensor([1, 2]), 6, margin_reward, (3, 9), latent_shape=(1, 8, 8))
-    assert ro.images.shape == (2, 6, 1, 8, 8) and sorted(proxies) == [3, 9]
+    assert ro.images.shape == (2 * 6, 1, 8, 8) and sorted(proxies) == [3, 9]
     assert proxies[9].shape == (2, 6)
 
 
@@ -105,8 +107,14 @@ def test_rollout_select_gathers_the_same_trajectories(flow_model):
     ro = rollout(flow_model, FlowSDE(4), torch.tensor([1, 2]), 5, 0, latent_shape=(1, 8, 8))
     keep = torch.tensor([[4, 0], [2, 3]])
     sub = ro.select(keep)
+    assert torch.equal(sub.kept, keep)
+    R = ro.final_rewards(lambda x, c: x.flatten(1).sum(1))
+    assert torch.equal(sub.final_rewards(lambda x, c: x.flatten(1).sum(1)), R.gather(1, keep))
     for p in range(2):
         for j, g in enumerate(keep[p].tolist()):
-            assert torch.equal(sub.latents[p, j], ro.latents[p, g])
-            assert torch.equal(sub.log_probs[p, j], ro.log_probs[p, g])
-            assert sub.prompts[p, j] == ro.prompts[p, g]
+            assert torch.equal(sub.grouped(sub.latents)[p, j], ro.grouped(ro.latents)[p, g])
+            assert torch.equal(sub.grouped(sub.log_probs)[p, j], ro.grouped(ro.log_probs)[p, g])
+            assert sub.grouped(sub.prompts)[p, j] == ro.grouped(ro.prompts)[p, g]
+    again = sub.select(torch.tensor([[1, 0], [0, 1]]))  # a selection of a selection indexes the current order
+    assert torch.equal(again.kept, torch.tensor([[0, 4], [2, 3]]))
+    assert torch.equal(again.position, torch.arange(4))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from progrpo_ref.samplers import FlowSDE, flow_sigmas, sde_step_with_logprob
+from progrpo_ref.algorithm.samplers import FlowSDE, flow_sigmas, sde_step_with_logprob
 
 M, S0 = 0.5, 0.3  # the Gaussian "data"
 A = 0.7  # Flow-GRPO's noise level

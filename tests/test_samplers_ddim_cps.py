@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from progrpo_ref.samplers import (DDIM, FAMILIES, FlowCPS, cps_step_with_logprob, ddim_step_with_logprob,
+from progrpo_ref.algorithm.samplers import (DDIM, FAMILIES, FlowCPS, cps_step_with_logprob, ddim_step_with_logprob,
                                   sampler_from_dict, sampler_to_dict)
 
 

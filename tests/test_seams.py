@@ -10,11 +10,12 @@ import torch
 
 from progrpo_ref import FlowSDE, arm_config, train
 from progrpo_ref.adapters.sd3 import SD3Task
-from progrpo_ref.grpo import step_log_prob
-from progrpo_ref.noise import TrajectoryNoise
-from progrpo_ref.pro_grpo import PRESETS, expand_and_prune
-from progrpo_ref.rollout import NFECounter, rollout
-from progrpo_ref.trainer import TrainConfig, strip_timings
+from progrpo_ref.algorithm.grpo import step_log_prob
+from progrpo_ref.algorithm.noise import TrajectoryNoise
+from progrpo_ref.algorithm.pro_grpo import PRESETS, expand_and_prune
+from progrpo_ref.algorithm.rollout import NFECounter, rollout
+from progrpo_ref.machinery.config import TrainConfig
+from progrpo_ref.machinery.run import strip_timings
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,8 @@ def test_rescoring_in_the_rollouts_batch_gives_a_log_ratio_of_exactly_zero(task)
     model, sde = task.policy(), FlowSDE(10)
     counter = NFECounter(model)
     ro = rollout(counter, sde, torch.tensor([0, 3]), 4, TrajectoryNoise(1), latent_shape=task.latent_shape)
-    assert counter.nfe == 2 * 4 * 10 and ro.latents.shape == (2, 4, 11, 16, 8, 8)
-    lat, c, old = ro.latents.flatten(0, 1), ro.prompts.flatten(), ro.log_probs.flatten(0, 1)
+    assert counter.nfe == 2 * 4 * 10 and ro.latents.shape == (2 * 4, 11, 16, 8, 8)
+    lat, c, old = ro.latents, ro.prompts, ro.log_probs
     with torch.no_grad():
         for t in range(10):
             assert torch.equal(step_log_prob(model, sde, lat, c, t).log_prob, old[:, t])
@@ -53,4 +54,4 @@ def test_expand_and_prune_counts_network_calls_on_sd3(task):
     ro = expand_and_prune(model, FlowSDE(10), torch.tensor([1, 2]), PRESETS["standard"], task.reward, 0,
                           latent_shape=task.latent_shape)
     assert model.nfe == ro.nfe == 2 * 324 and model.calls == 10
-    assert ro.latents.shape == (2, 12, 11, 16, 8, 8) and torch.isfinite(ro.log_probs).all()
+    assert ro.latents.shape == (2 * 12, 11, 16, 8, 8) and torch.isfinite(ro.log_probs).all()

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from progrpo_ref.digits import DigitsTask
-from progrpo_ref.pro_grpo import PruneSchedule
-from progrpo_ref.samplers import FlowSDE
-from progrpo_ref.trainer import ARMS, TrainConfig, arm_config, strip_timings, train
+from progrpo_ref.algorithm.pro_grpo import PruneSchedule
+from progrpo_ref.algorithm.samplers import FlowSDE
+from progrpo_ref.machinery.config import ARMS, TrainConfig, arm_config
+from progrpo_ref.machinery.run import strip_timings
+from progrpo_ref.machinery.trainer import train
 
 TINY = dict(num_updates=2, prompts_per_update=2, eval_every=2, progress=False)
 TASK = DigitsTask(eval_per_class=2, eval_group=4)
@@ -182,3 +184,85 @@ def test_a_checkpoint_from_before_a_field_was_added_still_resumes(tmp_path):
     assert len(h["updates"]) == 2
     with pytest.raises(ValueError, match="audit_every"):  # a real difference is still refused
         train(arm_config("flow_grpo", **{**base, "num_updates": 3, "audit_every": 1}), TASK, resume=True)
+
+
+def test_a_logged_statistic_may_change_on_resume(tmp_path):
+    """cluster_delta changes only the logged clustering fraction: a resume with another one is not refused, and the
+    rewards and weights go on exactly as in an uninterrupted run."""
+    ckpt = str(tmp_path / "run.safetensors")
+    base = dict(TINY, num_updates=2, prompts_per_update=1, eval_every=1)
+    full = train(arm_config("g12", **base), TASK)
+    train(arm_config("g12", **{**base, "num_updates": 1, "checkpoint_path": ckpt}), TASK)
+    resumed = train(arm_config("g12", **{**base, "checkpoint_path": ckpt, "cluster_delta": 0.25}), TASK, resume=True)
+    assert resumed["updates"][1]["reward_mean"] == full["updates"][1]["reward_mean"]
+    assert resumed["evals"][-1]["eval_margin"] == full["evals"][-1]["eval_margin"]
+
+
+def test_processes_wait_for_a_checkpoint_only_when_one_is_written(tmp_path, monkeypatch):
+    from progrpo_ref.machinery.parallel import Processes
+
+    waits = []
+    monkeypatch.setattr(Processes, "barrier", lambda self: waits.append(1))
+    cfg = arm_config("g12", **{**TINY, "num_updates": 5, "prompts_per_update": 1, "eval_every": 5,
+                               "checkpoint_every": 2, "checkpoint_path": str(tmp_path / "run.safetensors")})
+    train(cfg, TASK)
+    assert len(waits) == 3  # saved after updates 2, 4 and 5 (the end); no barrier after 1 and 3
+    waits.clear()
+    train(arm_config("g12", **{**TINY, "prompts_per_update": 1}), TASK)
+    assert waits == []  # no checkpoint, no barrier
+
+
+def test_a_task_without_the_optional_members_trains():
+    """check_sampler, costs and a policy's passes_per_sample are optional: their defaults apply."""
+    from progrpo_ref.algorithm.task import check_sampler, passes_per_sample, task_costs
+
+    class Bare:  # only the required members, delegated to the digits task
+        latent_shape = TASK.latent_shape
+        describe, sample_prompts, policy, reference = TASK.describe, TASK.sample_prompts, TASK.policy, TASK.reference
+        reward, evaluate = TASK.reward, TASK.evaluate
+
+    bare = Bare()
+    assert task_costs(bare) == {} and passes_per_sample(bare.policy()) == 1 and check_sampler(bare, FlowSDE()) is None
+    with pytest.raises(ValueError, match="the flow model needs FlowSDE or FlowCPS"):
+        check_sampler(TASK, arm_config("dance_grpo").sampler)
+    h = train(arm_config("flash", **{**TINY, "num_updates": 1, "prompts_per_update": 1}), bare)
+    assert h["updates"][0]["nfe_per_prompt"] == 188 and not any(k.startswith("task_") for k in h["updates"][0])
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--updates", "-3"], "argument --updates: num_updates=-3 must be an integer >= 0"),
+    (["--prompts", "0"], "argument --prompts: prompts_per_update=0 must be an integer >= 1"),
+    (["--set", "lr=abc"], "argument --set: 'lr=abc': VALUE must be JSON"),
+    (["--set", "lr=2"], "argument --set lr: lr=2 must be a finite number in (0, 1]"),
+    (["--set", "learning_rate=0.1"], "argument --set: 'learning_rate=0.1' must be NAME=VALUE with NAME a TrainConfig field"),
+    (["--task", "diffusion"], "argument --arm flow_grpo with --task diffusion: the diffusion model needs DDIM"),
+])
+def test_the_command_line_reports_a_bad_argument_in_one_line(argv, names, capsys):
+    from progrpo_ref.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("python -m progrpo_ref train: error: ") and names in last, err
+
+
+def test_a_checkpoint_is_synced_then_renamed_then_its_folder_synced(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from progrpo_ref.machinery import checkpoint
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: events.append(("replace",)) or real_replace(a, b))
+    model = TASK.policy()
+    checkpoint.save_training_checkpoint(tmp_path / "c.safetensors", model, torch.optim.Adam(model.parameters()), {"x": 1})
+    assert events == [("fsync", "file"), ("replace",), ("fsync", "folder")]
+    assert checkpoint.load_training_checkpoint(tmp_path / "c.safetensors")["state"] == {"x": 1}

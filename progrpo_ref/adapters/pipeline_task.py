@@ -1,6 +1,6 @@
 r"""A diffusers text-to-image pipeline as a ``Task``: ``train(config, SD3PipelineTask(pipe, prompts, reward))``.
 
-What the trainer gets from a pipeline (see ``progrpo_ref.task`` for the seam):
+What the trainer gets from a pipeline (see ``progrpo_ref.algorithm.task`` for the seam):
 
 - prompts: the strings are encoded once, by the pipeline's own ``encode_prompt``, in chunks of
   ``encode_batch`` (and the negative prompt once, for guidance); the method passes integer ids into
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..noise import TrajectoryNoise
-from ..rollout import rollout_flat
-from ..samplers import DDIM, FlowCPS, FlowSDE, Sampler
+from ..algorithm.noise import TrajectoryNoise
+from ..algorithm.rollout import sample
+from ..algorithm.samplers import DDIM, FlowCPS, FlowSDE, Sampler
 from .denoiser import Denoiser, SD3Denoiser, UNetDenoiser
 from .lora import SD3_TARGETS, UNET_TARGETS, AdapterDisabled, LoRA, add_lora
 
@@ -231,10 +231,9 @@ class PipelineTask:
         device = next(policy.net.parameters()).device
         n = len(self.eval_prompts)
         ids = torch.arange(len(self.prompts), len(self.prompts) + n, device=device)
-        keys = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], 1)
-        flat = rollout_flat(policy, sampler.deterministic(), ids, keys, TrajectoryNoise(self.eval_seed, stream="eval_ode"),
-                            (), None, latent_shape=self.latent_shape, max_batch=self.decode_batch)
-        return {"eval_reward": self.reward(flat.latents[:, -1], ids).mean().item()}
+        images = sample(policy, sampler.deterministic(), ids, TrajectoryNoise(self.eval_seed, stream="eval_ode"),
+                        latent_shape=self.latent_shape, max_batch=self.decode_batch)
+        return {"eval_reward": self.reward(images, ids).mean().item()}
 
     def _encoded(self, device):
         """The table of prompts + eval_prompts (ids 0..N-1, then the evaluation's) and the negative row,

@@ -10,14 +10,15 @@ the pipeline scheduler's timesteps: SD-v1's leading 981, 961, ..., 1):
 Flow-GRPO's other SD3.5 values carry over as they are, because its log-prob is also averaged over the
 latent's elements: clip range 1e-4, lr 3e-4 for LoRA (r = 32, alpha = 64), global std. A task without
 LoRA (a full fine-tune) gets DanceGRPO's full-fine-tuning lr 1e-5 instead, in both presets. The
-device defaults to where the pipeline's network already is. Flow-GRPO's KL weight does not carry over: our per-step KL is Flow-GRPO's divided by -dt (``grpo.py``), and on the shifted grid
+device defaults to where the pipeline's network already is. Flow-GRPO's KL weight does not carry over: our per-step KL is Flow-GRPO's divided by -dt (``algorithm/grpo.py``), and on the shifted grid
 -dt runs from 0.04 to 0.27 (mean 0.11 over the 9 trained steps), so its PickScore beta 0.01 is about
 0.001 here. Every field can be overridden.
 """
 from __future__ import annotations
 
-from ..pro_grpo import PRESETS, PruneSchedule, preview_times
-from ..trainer import TrainConfig
+from ..algorithm.pro_grpo import PRESETS, PruneSchedule
+from ..algorithm.samplers import Sampler
+from ..machinery.config import TrainConfig
 
 SD35_ARMS = ("flow_grpo", "standard", "flash")
 SD14_SCHEDULES = {"dance_grpo": PruneSchedule((16,), (), 50), "standard_sd14": PruneSchedule((48, 32, 8), (30, 40), 50)}
@@ -59,3 +60,12 @@ def _report(config: TrainConfig, verbose: bool) -> TrainConfig:
         print(f"{config.arm}: {' -> '.join(map(str, s.group_sizes))} over {s.num_steps} steps, "
               f"{config.trained_steps} trained; previews at {where or 'none (nothing pruned)'}")
     return config
+
+
+def preview_times(schedule: PruneSchedule, sampler: Sampler) -> list[tuple[int, float]]:
+    """``[(c, model_time(c - 1))]`` per prune point: the c-th network call is evaluated at the sampler's model time
+    c - 1, so that is where the preview is taken (a sigma for a flow, a timestep for DDIM). SD3.5-Medium's grid
+    (shift 3): sigma 0.790 and 0.602 at calls 5 and 7; the uniform toy grid: 0.6, 0.4."""
+    if schedule.num_steps != sampler.num_steps:
+        raise ValueError(f"the schedule has {schedule.num_steps} steps but the sampler {sampler.num_steps}")
+    return [(c, float(sampler.model_time(c - 1))) for c in schedule.prune_steps]

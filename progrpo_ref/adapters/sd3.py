@@ -7,7 +7,7 @@ that and feeds the transformer timestep = sigma x 1000, as ``StableDiffusion3Pip
 ``autocast_dtype=torch.bfloat16`` runs the transformer under autocast; the sampler's math and
 log-probs stay in fp32 (the samplers cast).
 
-``SD3Task`` is a ``Task`` (``progrpo_ref.task``) around such a transformer, so ``train(config, task)``
+``SD3Task`` is a ``Task`` (``progrpo_ref.algorithm.task``) around such a transformer, so ``train(config, task)``
 drives it: prompts are indices into the embeddings, the reward decodes latents with a VAE and scores
 the pixels, the reference policy is a frozen copy of the initial transformer. What it does *not* give
 you yet: real weights, real text encoders, classifier-free guidance, LoRA, a real image reward
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from ..noise import TrajectoryNoise
-from ..rollout import sample
-from ..samplers import Sampler
+from ..algorithm.noise import TrajectoryNoise
+from ..algorithm.rollout import sample
+from ..algorithm.samplers import Sampler
 
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json (2.5B parameters)
 SD35_MEDIUM = dict(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..samplers import DDIM
+from ..algorithm.samplers import DDIM
 from .data import NUM_CLASSES
 from .model import CHECKPOINT_DIR, check_images, check_prompts
 

@@ -24,8 +24,8 @@ from .classifier import CLASSIFIER_CHECKPOINTS, ClassifierConfig, heldout_accura
 from .data import IMAGE_SHAPE, NUM_CLASSES, load_split
 from .diffusion_model import DIFFUSION_CHECKPOINT, DiffusionModel, DiffusionModelConfig
 from .model import FLOW_CHECKPOINT, FlowModel, FlowModelConfig
-from ..rollout import sample
-from ..samplers import FlowSDE, Sampler
+from ..algorithm.rollout import sample
+from ..algorithm.samplers import FlowSDE, Sampler
 
 CLASSIFIERS = {  # name -> (architecture, seed): two independent models
     "reward": (ClassifierConfig("cnn", 32), 0),

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..grpo import group_advantages
-from ..noise import TrajectoryNoise
-from ..rollout import rollout, sample
-from ..samplers import DDIM, FlowCPS, FlowSDE, Sampler
+from ..algorithm.grpo import group_advantages, group_std
+from ..algorithm.noise import TrajectoryNoise
+from ..algorithm.rollout import rollout, sample
+from ..algorithm.samplers import DDIM, FlowCPS, FlowSDE, Sampler
 from .data import IMAGE_SHAPE, NUM_CLASSES
 from .rewards import REWARDS, get_reward
 
@@ -124,7 +124,7 @@ class DigitsTask:
         R = fresh.final_rewards(self.reward)
         A = group_advantages(R, self.adv_eps, clip=math.inf)
         out["fresh_reward_mean"] = R.mean().item()
-        out["fresh_reward_std"] = R.std(1, unbiased=False).mean().item()
+        out["fresh_reward_std"] = group_std(R).mean().item()
         out["fresh_cluster_frac"] = (A.abs() <= self.cluster_delta).float().mean().item()
         return out
 

@@ -9,11 +9,11 @@ import math
 
 import torch
 
+from ..algorithm.grpo import group_advantages, group_std, step_log_prob
+from ..algorithm.pro_grpo import PruneSchedule, expand_and_prune
+from ..algorithm.rollout import rollout
+from ..beyond_paper.fidelity import record_previews, spearman
 from ..digits.data import IMAGE_SHAPE
-from ..fidelity import spearman
-from ..grpo import group_advantages, step_log_prob
-from ..pro_grpo import PruneSchedule, expand_and_prune, record_previews
-from ..rollout import rollout
 
 
 # ---------------------------------------------------------------- Observation 1: reward clustering
@@ -137,12 +137,11 @@ def preview_images(model, sampler, prompts, steps, seed=0, latent_shape=IMAGE_SH
     call in ``steps``, and (key ``"final"``) the finished sample."""
     previews = {}
 
-    def keep_preview(c, x0_hat, group_prompts):
-        previews[c] = x0_hat[:, 0].clone()
-        return None
+    def keep_preview(call, x0_hat, live):
+        previews[call] = x0_hat.clone()
 
     ro = rollout(model, sampler, prompts, 1, seed, preview_steps=tuple(steps), on_preview=keep_preview, latent_shape=latent_shape)
-    previews["final"] = ro.images[:, 0]
+    previews["final"] = ro.images
     return previews
 
 
@@ -152,7 +151,7 @@ def on_policy_log_ratio(model, sampler, prompts, group_size, seed=0, splits=3, l
     Returns the largest |log r| with the rollout's batch composition and with ``splits`` mini-batches."""
     g = torch.Generator().manual_seed(seed)
     ro = rollout(model, sampler, prompts, group_size, seed, latent_shape=latent_shape)
-    lat, c, old = ro.latents.flatten(0, 1), ro.prompts.flatten(), ro.log_probs.flatten(0, 1)
+    lat, c, old = ro.latents, ro.prompts, ro.log_probs
     same, split = torch.zeros(()), torch.zeros(())
     for t in range(sampler.trainable_steps):  # CPS's last step has no log-prob
         same = torch.maximum(same, (step_log_prob(model, sampler, lat, c, t).log_prob - old[:, t]).abs().max())
@@ -177,7 +176,7 @@ def reward_report(model, sampler, names, prompts, group_size, seed=0) -> list[di
         fn = get_reward(name)
         R = ro.final_rewards(fn)
         rows.append({
-            "reward": name, "mean": R.mean().item(), "within_std": R.std(1, unbiased=False).mean().item(),
+            "reward": name, "mean": R.mean().item(), "within_std": group_std(R).mean().item(),
             "cluster_0.25": clustering_fraction(R, 0.25), "cluster_0.5": clustering_fraction(R, 0.5),
             "real": fn(x, y).mean().item(), "blank": fn(-torch.ones_like(x), y).mean().item(),
             "noise": fn(noise, y).mean().item(), "rewards": R,

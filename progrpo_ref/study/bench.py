@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 ARMS = ["flow_grpo", "ovf", "standard", "flash"]
-from ..noise import per_update_generator
+from ..algorithm.noise import per_update_generator
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,8 +61,8 @@ def build(device: str, bf16: bool, sd35: bool, sd35_layers: int | None = None, m
 
 def model_of(arm: str) -> str:
     """Which digits model an arm samples: "diffusion" for the DDIM arms, else "flow"."""
-    from ..samplers import DDIM
-    from ..trainer import ARMS
+    from ..algorithm.samplers import DDIM
+    from ..machinery.config import ARMS
 
     return "diffusion" if isinstance(ARMS[arm].get("sampler"), DDIM) else "flow"
 
@@ -108,9 +108,10 @@ class _CountingTask:
 
 # ---------------------------------------------------------------- one epoch of one arm (subprocess)
 def run_epoch(arm, device, bf16, sd35, sd35_layers, prompts, updates, warmup, seed) -> dict:
-    from ..grpo import group_advantages
-    from ..rollout import NFECounter
-    from ..trainer import arm_config, collect, optimise
+    from ..algorithm.grpo import group_advantages
+    from ..algorithm.rollout import NFECounter
+    from ..machinery.config import arm_config
+    from ..machinery.trainer import collect, optimise
 
     task, model = build(device, bf16, sd35, sd35_layers, model_of(arm))
     cfg = arm_config(arm, prompts_per_update=prompts, device=device, seed=seed, progress=False)
@@ -125,9 +126,9 @@ def run_epoch(arm, device, bf16, sd35, sd35_layers, prompts, updates, warmup, se
                 torch.cuda.reset_peak_memory_stats()
         _sync(device); t0 = time.perf_counter()
         gen = per_update_generator(seed, u + 1)
-        shard = collect(counter, reward, cfg, u + 1, gen)
+        ro, R = collect(counter, reward, cfg, u + 1, gen)
         _sync(device); t1 = time.perf_counter()
-        optimise(model, None, optimizer, shard, group_advantages(shard.rewards, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
+        optimise(model, None, optimizer, ro, group_advantages(R, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
         _sync(device); t2 = time.perf_counter()
         if u >= warmup:
             times["sampling_s"].append(t1 - t0)
@@ -150,8 +151,9 @@ def run_interleaved(arms, device, bf16, sd35, sd35_layers, prompts, rounds, seed
     GPU holds, so the arms take turns training the same one (a random model's weights do not change the
     cost of an update). Returns ``{arm: {"sampling_s": [per round], "optimisation_s": [per round]}}``
     (after one warm-up round)."""
-    from ..grpo import group_advantages
-    from ..trainer import arm_config, collect, optimise
+    from ..algorithm.grpo import group_advantages
+    from ..machinery.config import arm_config
+    from ..machinery.trainer import collect, optimise
 
     state, shared = {}, None
     for arm in arms:
@@ -170,9 +172,9 @@ def run_interleaved(arms, device, bf16, sd35, sd35_layers, prompts, rounds, seed
             model, task, cfg, optimizer = state[arm]
             gen = per_update_generator(seed, r + 1)
             _sync(device); t0 = time.perf_counter()
-            shard = collect(model, task, cfg, r + 1, gen)
+            ro, R = collect(model, task, cfg, r + 1, gen)
             _sync(device); t1 = time.perf_counter()
-            optimise(model, None, optimizer, shard, group_advantages(shard.rewards, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
+            optimise(model, None, optimizer, ro, group_advantages(R, cfg.adv_eps, cfg.global_std, cfg.adv_clip), cfg, gen)
             _sync(device); t2 = time.perf_counter()
             if r > 0:  # round 0 warms up
                 times[arm]["sampling_s"].append(t1 - t0)
@@ -197,9 +199,9 @@ def calibrate(device, bf16, sd35, sd35_layers, prompts, reps) -> dict:
     r(B) one reward call, g(B) one trained step (re-scored log-prob, clipped loss, backward); and o,
     one optimizer step (gradient clip + Adam step + zero_grad), which does not depend on B.
     All items are timed round-robin, ``reps`` rounds, medians: like the arms, they share slow spells."""
-    from ..grpo import clipped_policy_loss, step_log_prob
-    from ..samplers import FlowSDE
-    from ..trainer import arm_config
+    from ..algorithm.grpo import clipped_policy_loss, step_log_prob
+    from ..algorithm.samplers import FlowSDE
+    from ..machinery.config import arm_config
 
     task, model = build(device, bf16, sd35, sd35_layers)
     reward_fn, shape, sampler = task.reward, task.latent_shape, FlowSDE(10, 0.7)
@@ -248,7 +250,7 @@ def calibrate(device, bf16, sd35, sd35_layers, prompts, reps) -> dict:
 
 
 def predict(arm: str, cal: dict, prompts: int, updates: int) -> dict:
-    from ..trainer import arm_config
+    from ..machinery.config import arm_config
 
     cfg = arm_config(arm, prompts_per_update=prompts)
     s = cfg.schedule
@@ -269,8 +271,9 @@ def noise_cost(device, bf16, prompts=4, reps=20) -> dict:
     drawing the same numbers in one call, as a fraction of the arm's sampling time (rollout +
     rewards), for Flow-GRPO (24 trajectories per prompt) and Standard (48 at the start). Medians of
     ``reps`` interleaved rounds."""
-    from ..noise import TrajectoryNoise
-    from ..trainer import arm_config, collect
+    from ..algorithm.noise import TrajectoryNoise
+    from ..machinery.config import arm_config
+    from ..machinery.trainer import collect
 
     task, model = build(device, bf16, False)
     out = {}
@@ -295,8 +298,8 @@ def noise_cost(device, bf16, prompts=4, reps=20) -> dict:
 
 def scaling(device, bf16, prompts=4, reps=5) -> dict:
     """Median seconds of one rollout (sampling only) for G in (24, 48, 96) at T = 10 and T in (10, 20, 40) at G = 24."""
-    from ..rollout import rollout
-    from ..samplers import FlowSDE
+    from ..algorithm.rollout import rollout
+    from ..algorithm.samplers import FlowSDE
 
     task, model = build(device, bf16, False)
     p = torch.arange(prompts, device=device) % 10

@@ -12,7 +12,8 @@ from dataclasses import replace
 
 from tqdm.auto import tqdm
 
-from ..trainer import TrainConfig, train
+from ..machinery.config import TrainConfig
+from ..machinery.trainer import train
 
 
 def _run(config: TrainConfig, task, threads: int) -> dict:
@@ -40,7 +41,7 @@ def run_many(configs: dict, task, workers: int | None = None, threads_per_worker
 def trained_policy(task, checkpoint_path, device: str = "cpu"):
     """The task's policy with the weights a run saved at ``checkpoint_path`` (``TrainConfig.checkpoint_path``),
     for analyses of a trained policy without training it again."""
-    from ..checkpoint import load_training_checkpoint
+    from ..machinery.checkpoint import load_training_checkpoint
 
     model = task.policy(device)
     model.load_state_dict(load_training_checkpoint(checkpoint_path)["model"])

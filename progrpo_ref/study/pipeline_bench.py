@@ -37,8 +37,8 @@ from ..adapters.pipeline_task import SD3PipelineTask
 from ..adapters.presets import sd35_config
 from ..adapters.sd3 import SD3_VAE, SD35_MEDIUM
 from ..adapters.tiny import clip_tokenizer
-from ..pro_grpo import PRESETS
-from ..trainer import train
+from ..algorithm.pro_grpo import PRESETS
+from ..machinery.trainer import train
 from .pipeline_costs import PAPER_RATIO, PICKSCORE_CLIP, epoch_costs
 from .results import GPU as GPU_JSON  # the file study.results renders the README's GPU table from
 

@@ -42,7 +42,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..adapters.sd3 import SD3_VAE, SD35_MEDIUM, TEXT_TOKENS
-from ..pro_grpo import PRESETS, PruneSchedule
+from ..algorithm.pro_grpo import PRESETS, PruneSchedule
 
 LATENT = (16, 64, 64)  # SD3.5 at 512 px
 # PickScore (CLIP ViT-H/14, laion/CLIP-ViT-H-14 sizes)

@@ -203,7 +203,7 @@ def render_bench(b: list[dict]) -> str:
                      "falls with the batch size, the cost per step does not).")
     if "noise_cost" in b[0]:
         nc = b[0]["noise_cost"]
-        lines.append(f"- The per-trajectory noise streams (`noise.py`) cost {nc['flow_grpo']['overhead_fraction']:.1%} (Flow-GRPO) and "
+        lines.append(f"- The per-trajectory noise streams (`algorithm/noise.py`) cost {nc['flow_grpo']['overhead_fraction']:.1%} (Flow-GRPO) and "
                      f"{nc['standard']['overhead_fraction']:.1%} (Standard) of sampling time, against one generator drawing the same numbers.")
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 r"""When previews can be trusted: fidelity by call and by noise level, why it falls, and the arms of notebook 06.
 
 Fidelity at call c is the within-group Spearman rho_c between the preview reward (the reward of x0_hat
-from the c-th network call) and the final reward (``fidelity.py``). To compare samplers, every call is
+from the c-th network call) and the final reward (``beyond_paper/fidelity.py``). To compare samplers, every call is
 placed at the noise level of the state x_{c-1} the network sees there, as a flow's sigma:
 
     flow (x_t = (1 - sigma) x_0 + sigma eps):            sigma_c = sigma_{c-1}
@@ -31,11 +31,12 @@ from dataclasses import replace
 
 import torch
 
-from ..fidelity import ovf_overlap, spearman
-from ..noise import TrajectoryNoise
-from ..pro_grpo import PruneSchedule, record_previews
-from ..samplers import DDIM, FlowCPS, FlowSDE, Sampler
-from ..trainer import TrainConfig, arm_config
+from ..algorithm.grpo import group_std
+from ..algorithm.noise import TrajectoryNoise
+from ..algorithm.pro_grpo import PruneSchedule
+from ..algorithm.samplers import DDIM, FlowCPS, FlowSDE, Sampler
+from ..beyond_paper.fidelity import ovf_overlap, record_previews, spearman
+from ..machinery.config import TrainConfig, arm_config
 
 SCREEN = {"a=0.7": FlowSDE(10), "a=0.5": FlowSDE(10, noise_level=0.5), "a=0.3": FlowSDE(10, noise_level=0.3)}
 """candidate settings (name -> the flow sampler of rollouts and previews); a = 0.7 is Flow-GRPO's, the headline"""
@@ -69,18 +70,18 @@ def fidelity_by_call(model, sampler: Sampler, reward_fn, prompts: torch.Tensor, 
     """One unpruned group of ``group_size`` per prompt ``[P]``, previews scored at every call 1..T-1:
 
         {"calls": [C], "sigma": [C] (``noise_level``), "rho": [C, P], "overlap": [C, P] (OVF_k on previews vs
-         on finals), "chance": k / G, "final_std": [P] (std of each group's final rewards), "final_mean": [P]}
+         on finals), "chance": k / G, "final_std": [P] (``group_std`` of each group's final rewards), "final_mean": [P]}
 
     plus "accuracy": ``accuracy_fn(final images, prompts)`` when one is given (e.g. ``heldout_accuracy``)."""
     calls = list(range(1, sampler.num_steps))
     ro, proxies = record_previews(model, sampler, prompts, group_size, reward_fn, calls,
                                   TrajectoryNoise(seed, stream="fidelity"), latent_shape=latent_shape)
     final = ro.final_rewards(reward_fn)
-    extra = {"accuracy": accuracy_fn(ro.images.flatten(0, 1), ro.prompts.flatten())} if accuracy_fn else {}
+    extra = {"accuracy": accuracy_fn(ro.images, ro.prompts)} if accuracy_fn else {}
     return {**extra, "calls": calls, "sigma": [noise_level(sampler, c) for c in calls],
             "rho": torch.stack([spearman(proxies[c], final) for c in calls]),
             "overlap": torch.stack([ovf_overlap(proxies[c], final, k) for c in calls]),
-            "chance": k / group_size, "final_std": final.std(1), "final_mean": final.mean(1)}
+            "chance": k / group_size, "final_std": group_std(final), "final_mean": final.mean(1)}
 
 
 def spread_regression(rho: torch.Tensor, spread: torch.Tensor, trained: torch.Tensor) -> dict:

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from progrpo_ref.digits import DigitsTask
-from progrpo_ref.trainer import arm_config, strip_timings, train
+from progrpo_ref.machinery.config import arm_config
+from progrpo_ref.machinery.run import strip_timings
+from progrpo_ref.machinery.trainer import train
 
 GOLDEN = Path(__file__).with_name("golden_histories.json")
 SETTINGS = dict(num_updates=3, prompts_per_update=4, eval_every=3, eval_per_class=2, eval_group=8, beta=0.01,

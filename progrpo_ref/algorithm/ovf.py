@@ -28,8 +28,11 @@ STRATEGIES = ("ovf", "random", "top", "bottom", "split")
 
 
 def _check(rewards: torch.Tensor, k: int) -> torch.Tensor:
-    if rewards.dim() not in (1, 2):
-        raise ValueError(f"rewards must be [G] or [P, G], got shape {tuple(rewards.shape)}")
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() not in (1, 2):
+        raise ValueError(f"rewards must be [G] or [P, G] (a tensor), got {type(rewards).__name__} of shape "
+                         f"{tuple(getattr(rewards, 'shape', ()))}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k={k!r} must be an integer (the subset size)")
     G = rewards.shape[-1]
     if k < 2:
         raise ValueError(f"k={k} must be >= 2 (a group of one has no variance)")
@@ -51,17 +54,17 @@ def _tails(order: torch.Tensor, j: torch.Tensor, k: int) -> torch.Tensor:
 def ovf_select(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the size-k subset with the largest reward variance (exact, O(G log G))."""
     r = _check(rewards, k)
-    sorted_r, order = r.double().sort(dim=1)
+    sorted_r, order = r.detach().cpu().double().sort(dim=1)  # float64 on the CPU: exact enough, and on any device
     G = r.shape[1]
     zero = torch.zeros_like(sorted_r[:, :1])
     csum = torch.cat([zero, sorted_r.cumsum(1)], 1)  # csum[:, i] = sum of the i lowest
     csq = torch.cat([zero, (sorted_r**2).cumsum(1)], 1)
-    j = torch.arange(k + 1, device=r.device)
+    j = torch.arange(k + 1)
     hi = G - (k - j)  # the k - j highest start at sorted position hi
     S = csum[:, j] + csum[:, G:G + 1] - csum[:, hi]  # [P, k + 1]
     Q = csq[:, j] + csq[:, G:G + 1] - csq[:, hi]
     var = Q / k - (S / k) ** 2
-    idx = _tails(order, var.argmax(dim=1), k)
+    idx = _tails(order, var.argmax(dim=1), k).to(rewards.device)
     return idx if rewards.dim() == 2 else idx[0]
 
 

@@ -1,4 +1,5 @@
-"""The training loop: every arm of the study from one config and any task, so two runs differ in one field.
+"""A run's configuration: ``TrainConfig`` (every field checked when it is built; the error names the value and
+the rule) and the named arms of the study, so two runs differ in one field.
 
     arm          sampling                           trained on
     flow_grpo    G = 24                             all 24
@@ -11,49 +12,32 @@
     dance_grpo   G = 16, DDIM T = 20                all 16 (the diffusion baseline, SD-v1.4's shape)
     standard_sd14  48 -> 32 -> 8 at (12, 16), DDIM  the 8 survivors (Pro-GRPO on SD-v1.4, T = 50 -> 20)
     ovf_48       G = 48                             OVF 12 of the final rewards ("expand, then select": what pruning can keep at best)
-    adaptive     48 -> 24 -> 12, checkpoints moved  the 12 survivors, or OVF on final rewards where no call's previews
-                 by an audit every 10 updates       are faithful enough (adaptive.py)
+    adaptive     48 -> 24 -> 12, prune points moved the 12 survivors, or OVF on final rewards where no call's previews
+                 by an audit every 10 updates       are faithful enough (beyond_paper/adaptive.py)
 
 The flow arms sample with ``FlowSDE``; the two diffusion arms with ``DDIM(20, eta=1)`` (DDPO's sampler)
 on the default DDPM schedule, the one the digits' diffusion model was trained on.
-
-Per update (``collect`` then ``optimise``, in ``parallel.py``): P prompts from the task, a rollout (plain,
-or Expand-and-Prune as in ``pro_grpo.expand_and_prune``) with the config's sampler, final rewards, an optional static selection
-(``select_subset``), group advantages over the trained group, then ``num_minibatches`` optimizer
-steps of ``grpo_objective``. The task's evaluation (every ``eval_every`` updates) is independent of
-selection. ``train(config, task)`` runs it all, with a progress bar, a history and exact resume, in one
-process or, under ``torchrun`` / ``accelerate launch``, spread over several (``parallel.py``: each process
-samples its share of every group; decisions are taken on the whole groups; gradients are summed).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Callable
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
-from tqdm.auto import tqdm
 
-from .adaptive import Placement, check_target, decide
-from .checkpoint import load_policy_state, load_training_checkpoint, save_training_checkpoint
-from .fidelity import audit
-from .grpo import group_advantages
-from .noise import TrajectoryNoise, derive_seed, per_update_generator
-from .ovf import STRATEGIES
-from .parallel import Shard, Shards, collect_shard, optimise_shard
-from .pro_grpo import PRESETS, PruneSchedule
-from .rollout import NFECounter
-from .samplers import DDIM, FlowSDE, Sampler, sampler_from_dict, sampler_to_dict
-from .task import check_task
+from ..algorithm.ovf import STRATEGIES
+from ..algorithm.pro_grpo import PRESETS, PruneSchedule
+from ..algorithm.samplers import DDIM, FlowSDE, Sampler, sampler_from_dict, sampler_to_dict
+from ..beyond_paper.adaptive import check_target
 
-TIMING_KEYS = ("sampling_s", "optimisation_s", "eval_s", "task_decode_s", "task_reward_s", "audit_s")
 # fields added after checkpoints were first written, with the value that behaves as before they existed:
 # a checkpoint without the field resumes when the field has that value
 ADDED_FIELDS = {"audit_every": 0, "audit_prompts": 4, "adaptive": False, "fidelity_target": 0.5, "fidelity_z": 1.645}
-RESUMABLE_CHANGES = ("num_updates", "progress", "checkpoint_path", "checkpoint_every", "device_batch", "device")  # may differ on resume
+# fields that may differ on resume: they change neither what is sampled nor what is trained (cluster_delta only
+# changes a logged statistic)
+RESUMABLE_CHANGES = ("num_updates", "progress", "checkpoint_path", "checkpoint_every", "device_batch", "device",
+                     "cluster_delta")
 
 
 @dataclass
@@ -91,7 +75,7 @@ class TrainConfig:
     global_std: bool = False
     """normalise advantages by one std over the whole batch instead of per group"""
     beta: float = 0.0
-    """KL weight to the task's reference policy (exact per-step KL; see grpo.py for the dt convention)"""
+    """KL weight to the task's reference policy (exact per-step KL; see algorithm/grpo.py for the dt convention)"""
     num_minibatches: int = 2
     """optimizer steps per rollout; the first is on-policy (ratio 1), the clip acts from the second"""
     train_steps_fraction: float = 1.0
@@ -125,7 +109,7 @@ class TrainConfig:
     """delta of the clustering region |A| <= delta (logged per update)"""
     seed: int = 0
     """seed of prompts, noise and mini-batch order: each update's are a function of (seed, update)
-    (see noise.py); the task's evaluation has its own fixed seed"""
+    (see algorithm/noise.py); the task's evaluation has its own fixed seed"""
     device: str = "cpu"
     """torch device"""
     checkpoint_path: str | None = None
@@ -257,24 +241,6 @@ def arm_config(name: str, **overrides) -> TrainConfig:
     return TrainConfig(**{"arm": name, **ARMS[name], **overrides})
 
 
-# ---------------------------------------------------------------- one update: collect, then optimise
-def collect(model: Callable, task, config: TrainConfig, update: int, generator: torch.Generator,
-            shards: Shards | None = None) -> Shard:
-    """One update's rollout (plain or Expand-and-Prune), final rewards and static selection, for this
-    process's share of the groups (all of them in a single process): ``parallel.collect_shard``.
-
-    The trajectories' noise is ``TrajectoryNoise(config.seed, update)``; ``generator`` (the update's
-    own, ``per_update_generator``) draws the prompts and any random subset. ``.rewards`` is R ``[P, K]``."""
-    return collect_shard(model, task, config, update, generator, shards or Shards())
-
-
-def optimise(model, reference, optimizer, shard: Shard, advantages: torch.Tensor, config: TrainConfig,
-             generator: torch.Generator, shards: Shards | None = None) -> dict:
-    """``num_minibatches`` optimizer steps of ``grpo_objective`` over the trained trajectories of all
-    processes (``parallel.optimise_shard``)."""
-    return optimise_shard(model, reference, optimizer, shard, advantages, config, generator, shards or Shards())
-
-
 def batch_arithmetic(config: TrainConfig, world: int) -> str:
     """The batch sizes of one update, as the trainer prints them at the start of a run."""
     s, P = config.schedule, config.prompts_per_update
@@ -287,160 +253,3 @@ def batch_arithmetic(config: TrainConfig, world: int) -> str:
             f"({' / '.join(map(str, per_rank))} each); {P} x {K} = {P * K} trained, in {config.num_minibatches} "
             f"mini-batches of about {mb:.1f} (one global permutation; {passes}); "
             f"{s.nfe()} NFE per prompt, {config.trained_steps} of {s.num_steps} steps trained")
-
-
-# ---------------------------------------------------------------- the loop
-def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Module | None = None) -> dict:
-    """Run GRPO as configured on ``task`` (see ``progrpo_ref.task``); returns
-    ``{"config", "task", "updates": [per-update dict], "evals": [...]}``.
-
-    ``model`` defaults to ``task.policy(device)``; it is trained in place. ``resume=True`` continues
-    from ``config.checkpoint_path`` up to ``config.num_updates``; the history then equals an
-    uninterrupted run's, timings aside (same thread count). A checkpoint whose config or task differs
-    from this one (other than ``RESUMABLE_CHANGES``) is refused, naming the fields.
-    """
-    if not isinstance(config, TrainConfig):
-        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
-    check_task(task)
-    if hasattr(task, "check_sampler"):  # optional: a task that knows which samplers fit its model says so
-        task.check_sampler(config.sampler)
-    if resume and not config.checkpoint_path:
-        raise ValueError("resume=True needs config.checkpoint_path")
-    dev = config.device
-    model = model if model is not None else task.policy(dev)
-    trainable = [p for p in model.parameters() if p.requires_grad]  # e.g. only a LoRA adapter's
-    if not trainable:
-        raise ValueError(f"the policy {type(model).__name__} has no parameter with requires_grad=True")
-    shards = Shards()  # the processes of this run: one unless torch.distributed is initialised
-    shards.same_start(model)
-    reference = task.reference(model, dev) if config.beta > 0 else None
-    optimizer = torch.optim.Adam(trainable, lr=config.lr)
-    counter = NFECounter(model)
-    task_costs = getattr(task, "costs", {})  # optional: counts a task keeps of its own work (decodes, reward calls)
-    history = {"config": config.to_dict(), "task": task.describe(), "updates": [], "evals": []}
-    start = 0
-    lead = shards.rank == 0  # evaluates, saves checkpoints and shows progress
-    if config.progress and lead:
-        print(batch_arithmetic(config, shards.world))
-
-    if resume:
-        ckpt = load_training_checkpoint(config.checkpoint_path)
-        _check_resumable(ckpt["state"], history, config.checkpoint_path)
-        load_policy_state(model, ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history["updates"], history["evals"] = ckpt["state"]["updates"], ckpt["state"]["evals"]
-        start = shards.broadcast(len(history["updates"]))  # every process resumes where the first does
-        if config.num_updates < start:
-            raise ValueError(f"num_updates={config.num_updates} is fewer than the {start} updates in {config.checkpoint_path}")
-        if start < config.num_updates and history["evals"] and history["evals"][-1]["update"] % config.eval_every:
-            history["evals"].pop()  # an end-of-run evaluation off the eval_every grid: the longer run has none there
-
-    def run_eval(u):  # on the first process (all hold the same weights), shared with the others
-        t = time.perf_counter()
-        row = {"update": u, **task.evaluate(model, config.sampler), "eval_s": time.perf_counter() - t} if lead else None
-        history["evals"].append(shards.broadcast(row))
-
-    placement = None  # the adaptive schedule's current placement (None: the config's schedule)
-    if config.adaptive and history["updates"] and "placement" in history["updates"][-1]:
-        placement = Placement.from_dict(history["updates"][-1]["placement"], config.schedule.num_steps)
-
-    def run_audit(u):  # on the first process, shared with the others; its own prompts and noise
-        t = time.perf_counter()
-        row = None
-        if lead:
-            g = torch.Generator().manual_seed(derive_seed("audit", config.seed, u))
-            prompts = task.sample_prompts(config.audit_prompts, g).to(dev)
-            row = audit(model, config.sampler, task.reward, prompts, config.schedule.group_sizes[0],
-                        config.trained_group_size, TrajectoryNoise(config.seed, u, stream="audit"),
-                        latent_shape=task.latent_shape, max_batch=config.device_batch)
-            row["audit_s"] = time.perf_counter() - t
-        return shards.broadcast(row)
-
-    if start == 0:
-        run_eval(0)
-    bar = tqdm(range(start, config.num_updates), desc=config.arm, disable=not (config.progress and lead), initial=start,
-               total=config.num_updates)
-    for u in bar:
-        audited = run_audit(u + 1) if config.audit_every and u % config.audit_every == 0 else None
-        if audited is not None and config.adaptive:
-            estimates = {int(c): e for c, e in audited["fidelity"].items()}
-            current = placement.calls if placement is not None else config.schedule.prune_steps
-            placement = decide(config.schedule, current, estimates, config.fidelity_target, config.fidelity_z)
-        cfg = config if placement is None else _placed(config, placement)
-        t0 = time.perf_counter()
-        counter.nfe = 0
-        costs_before = dict(task_costs)
-        generator = per_update_generator(config.seed, u + 1)  # prompts, random subsets, mini-batch order
-        shard = collect(counter, task, cfg, u + 1, generator, shards)
-        R = shard.rewards  # [P, K], the whole groups' (the same on every process)
-        t1 = time.perf_counter()
-        A = group_advantages(R, config.adv_eps, config.global_std, config.adv_clip)
-        stats = optimise(model, reference, optimizer, shard, A, cfg, generator, shards)
-        t2 = time.perf_counter()
-        counted = [counter.nfe, *(task_costs[k] - costs_before[k] for k in task_costs)]
-        nfe, *cost_sums = shards.sum_(torch.tensor(counted, dtype=torch.float64, device=dev)).tolist()  # over processes
-        seconds = shards.max_(torch.tensor([t1 - t0, t2 - t1], dtype=torch.float64, device=dev)).tolist()  # the slowest
-        within_std = R.std(1, unbiased=False)
-        history["updates"].append({
-            "update": u + 1,
-            "reward_mean": R.mean().item(),
-            "reward_std": within_std.mean().item(),
-            "cluster_frac": (A.abs() <= config.cluster_delta).float().mean().item(),
-            "zero_std_ratio": (within_std == 0).float().mean().item(),
-            "nfe_per_prompt": nfe / config.prompts_per_update,
-            "trained_per_prompt": R.shape[1],
-            "sampling_s": seconds[0],
-            "optimisation_s": seconds[1],
-            **stats,
-            **{f"task_{k}": v for k, v in zip(task_costs, cost_sums)},  # e.g. decodes, reward calls, their seconds: summed over processes
-            **({"audit": {k: v for k, v in audited.items() if k != "audit_s"}, "audit_s": audited["audit_s"]}
-               if audited is not None else {}),
-            **({"placement": placement.to_dict()} if placement is not None else {}),
-        })
-        if (u + 1) % config.eval_every == 0 or u + 1 == config.num_updates:
-            run_eval(u + 1)
-        bar.set_postfix(reward=f"{history['updates'][-1]['reward_mean']:.2f}")
-        if lead and config.checkpoint_path and ((config.checkpoint_every and (u + 1) % config.checkpoint_every == 0) or u + 1 == config.num_updates):
-            # the RNG state: every update's randomness is a function of (seed, update), see noise.py
-            rng = {"seed": config.seed, "next_update": u + 2, "scheme": "noise.derive_seed(stream, seed, update, ...)"}
-            save_training_checkpoint(config.checkpoint_path, model, optimizer, {**history, "rng": rng})
-        if config.checkpoint_path:
-            shards.barrier()  # no process reads or overwrites it before it is complete
-    return history
-
-
-def _placed(config: TrainConfig, placement: Placement) -> TrainConfig:
-    """The config this update samples and trains with: the placement's schedule and selection."""
-    return replace(config, schedule=placement.schedule, selection=placement.selection, select_k=placement.select_k,
-                   adaptive=False, audit_every=0, progress=False)
-
-
-def _check_resumable(saved: dict, history: dict, path) -> None:
-    """Refuse to resume a run whose config or task differs from the checkpoint's, naming the fields."""
-    def diff(a: dict, b: dict, prefix: str):
-        keys = sorted(set(a) | set(b))
-        return [f"{prefix}{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys
-                if k not in RESUMABLE_CHANGES and _jsonable(a.get(k)) != _jsonable(b.get(k))
-                and not (prefix == "" and k not in a and k in ADDED_FIELDS and b.get(k) == ADDED_FIELDS[k])]
-
-    saved_config = dict(saved.get("config", {}))
-    if isinstance(saved_config.get("sampler"), dict):  # a sampler field added since (e.g. FlowSDE.grid) takes its default
-        try:
-            saved_config["sampler"] = sampler_to_dict(sampler_from_dict(saved_config["sampler"]))
-        except (TypeError, ValueError):
-            pass  # left as saved: the comparison below names it
-    differing = diff(saved_config, history["config"], "") + diff(saved.get("task", {}), history["task"], "task.")
-    if differing:
-        raise ValueError(f"cannot resume from {path}: the config differs from the checkpoint's in "
-                         + "; ".join(differing) + f" (only {', '.join(RESUMABLE_CHANGES)} may change)")
-
-
-def _jsonable(v):
-    return json.loads(json.dumps(v))
-
-
-def strip_timings(history: dict) -> dict:
-    """The history without wall-clock fields (for comparing runs)."""
-    drop = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-    return {"updates": drop(history["updates"]), "evals": drop(history["evals"])}
-

@@ -22,9 +22,9 @@ import math
 
 import torch
 
-from .ovf import ovf_select
-from .pro_grpo import record_previews
-from .rollout import NFECounter, in_calls_of
+from ..algorithm.grpo import group_std
+from ..algorithm.ovf import ovf_select
+from ..algorithm.rollout import NFECounter, Rollout, in_calls_of, rollout
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +86,20 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x if x.dim() == 2 else x[None]
 
 
+def record_previews(model, sampler, prompts, group_size, reward_fn, steps, noise=None, *, latent_shape,
+                    max_batch: int = 0) -> tuple[Rollout, dict]:
+    """An unpruned rollout that scores the preview x0_hat of every trajectory at each network call in ``steps``:
+    returns (rollout, {call: preview rewards [P, G]}). Nothing is pruned; for measuring proxy fidelity."""
+    proxies = {}
+
+    def score(call, x0_hat, live):
+        proxies[call] = live.whole_groups(reward_fn(x0_hat, live.prompts))
+
+    out = rollout(model, sampler, prompts, group_size, noise, tuple(steps), score, latent_shape=latent_shape,
+                  max_batch=max_batch)
+    return out, proxies
+
+
 @torch.no_grad()
 def audit(model, sampler, reward_fn, prompts: torch.Tensor, group_size: int, k: int, noise, *, latent_shape,
           max_batch: int = 0) -> dict:
@@ -93,7 +107,7 @@ def audit(model, sampler, reward_fn, prompts: torch.Tensor, group_size: int, k: 
     call 1..T-1 and the final samples, and return per call (JSON keys: the call as a string)
 
         {"fidelity": {c: summarize(rho_c)}, "overlap": {c: summarize(OVF_k overlap)}, "chance": k / G,
-         "final_std": summarize(within-group std of R), "nfe": network evaluations, "reward_images": scored}
+         "final_std": summarize(group_std(R)), "nfe": network evaluations, "reward_images": scored}
 
     Nothing here is trained on; the caller gives it its own noise stream. ``max_batch`` bounds every network and
     reward call (0: no bound). A NaN (a constant group; a standard error of fewer than 2 groups) is logged as None."""
@@ -113,5 +127,5 @@ def audit(model, sampler, reward_fn, prompts: torch.Tensor, group_size: int, k: 
     safe = lambda s: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in s.items()}
     return {"fidelity": {str(c): safe(summarize(spearman(p, final))) for c, p in proxies.items()},
             "overlap": {str(c): safe(summarize(ovf_overlap(p, final, k))) for c, p in proxies.items()},
-            "chance": overlap_chance(k, group_size), "final_std": safe(summarize(final.std(1))),
+            "chance": overlap_chance(k, group_size), "final_std": safe(summarize(group_std(final))),
             "nfe": counter.nfe, "reward_images": scored["n"]}

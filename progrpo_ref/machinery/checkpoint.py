@@ -5,7 +5,8 @@ e.g. a LoRA adapter's, see ``policy_state``), the optimizer's tensors
 (``optimizer/<param index>/<name>``, e.g. Adam's moments), and, as JSON strings in the safetensors
 header, the optimizer's hyperparameters and the trainer's state (config, task, history, RNG state).
 The file is written to a temporary name in the same folder and renamed over the target, so an
-interrupted write leaves the previous checkpoint intact, never a half-written one. No pickles.
+interrupted write leaves the previous checkpoint intact, never a half-written one; the folder is synced after the
+rename, so the new one survives a crash. No pickles.
 
 Read a checkpoint's history without torch: the JSON is in the safetensors header (the first 8 bytes
 give its length, little-endian), e.g. ``safe_open(path, framework="numpy").metadata()["state"]``.
@@ -43,9 +44,21 @@ def save_training_checkpoint(path: str | Path, model: torch.nn.Module, optimizer
         with open(tmp, "rb") as f:  # on disk before it replaces the old checkpoint
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_folder(path.parent)  # the rename itself on disk: a crash now cannot bring the old file back
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename inside it is durable (POSIX; Windows cannot open a folder and needs none)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def policy_state(model: torch.nn.Module) -> dict:

@@ -27,11 +27,17 @@ import torch
 from .samplers import Sampler, SamplerStep
 
 
+def group_std(rewards: torch.Tensor) -> torch.Tensor:
+    """std(R) of each prompt's group ``[P, K]`` -> ``[P]``: the population std (divisor K), the one the advantage
+    divides by (as Flow-GRPO's ``np.std``). Every "group reward std" the package logs or analyses is this one."""
+    return rewards.std(dim=1, unbiased=False)
+
+
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, global_std: bool = False, clip: float = 5.0) -> torch.Tensor:
     """A = (R - mean_group(R)) / (std + eps), clipped to +-clip. rewards ``[P, K]`` -> ``[P, K]``.
 
-    std is the population std of each prompt's group (default) or of the whole batch (``global_std``);
-    ``clip=math.inf`` gives the unclipped standardised rewards that the clustering analyses use.
+    std is ``group_std`` of each prompt's group (default) or the population std of the whole batch
+    (``global_std``); ``clip=math.inf`` gives the unclipped standardised rewards that the clustering analyses use.
     """
     if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be [P, K] with K >= 2, got shape {tuple(getattr(rewards, 'shape', ()))}")
@@ -40,7 +46,7 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, global_std: bool 
     if not eps > 0 or not clip > 0:
         raise ValueError(f"eps={eps} and clip={clip} must be > 0 (eps = 0 divides a zero-std group by 0)")
     centred = rewards - rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(unbiased=False) if global_std else rewards.std(dim=1, unbiased=False, keepdim=True)
+    std = rewards.std(unbiased=False) if global_std else group_std(rewards)[:, None]
     return (centred / (std + eps)).clamp(-clip, clip)
 
 
@@ -72,7 +78,7 @@ class Objective(NamedTuple):
     loss: torch.Tensor  # -J (differentiable unless backward=True, then detached)
     policy_loss: float  # the clipped term's part of the loss, -(1/count) sum min(r A, clip(r) A)
     kl: float  # (1/count) sum KL, before beta
-    clip_frac: float  # fraction of (trajectory, step) terms whose ratio left [1 - eps, 1 + eps]
+    clipped: int  # how many (trajectory, step) terms had a ratio outside [1 - eps, 1 + eps]
     max_abs_log_ratio: float  # max |log r| over the batch (0 when on-policy)
 
 
@@ -118,7 +124,7 @@ def grpo_objective(
         raise ValueError(f"count={count} must be >= 1")
 
     zero = latents.new_zeros((), dtype=torch.float32)
-    total, policy_sum, kl_sum, clipped_sum, max_dev = zero, zero, zero, zero, zero  # summed on the device
+    total, policy_sum, kl_sum, clipped_sum, max_log_ratio = zero, zero, zero, zero, zero  # summed on the device
     for t in steps:
         step = step_log_prob(policy, sampler, latents, prompts, t)
         pg, clipped = clipped_policy_loss(step.log_prob, old_log_probs[:, t], advantages, clip_range)
@@ -135,10 +141,11 @@ def grpo_objective(
             term = term.detach()
         total = total + term
         clipped_sum = clipped_sum + clipped.sum()
-        max_dev = torch.maximum(max_dev, (step.log_prob.detach() - old_log_probs[:, t]).abs().max())
+        max_log_ratio = torch.maximum(max_log_ratio, (step.log_prob.detach() - old_log_probs[:, t]).abs().max())
     finite = torch.isfinite(old_log_probs[:, steps]).all().float()
-    stats = torch.stack([policy_sum / count, kl_sum / count, clipped_sum / (B * len(steps)), max_dev, finite]).tolist()  # one sync
-    if stats[-1] != 1.0:  # raised before the caller's optimizer step can use the (NaN) gradient
+    policy, kl, clipped, max_log_ratio, all_finite = torch.stack(
+        [policy_sum / count, kl_sum / count, clipped_sum, max_log_ratio, finite]).tolist()  # one sync
+    if all_finite != 1.0:  # raised before the caller's optimizer step can use the (NaN) gradient
         raise ValueError(f"old_log_probs are not finite at the trained steps {steps} (a deterministic step's NaN?)")
-    return Objective(total / count, *stats[:-1])
+    return Objective(total / count, policy, kl, int(clipped), max_log_ratio)
 

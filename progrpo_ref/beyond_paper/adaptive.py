@@ -2,7 +2,7 @@ r"""An adaptive prune schedule: prune only at steps whose previews are measured 
 
 The paper fixes Pro-GRPO's checkpoints (calls 5 and 7 of 10). A fidelity audit (``trainer``, every
 ``audit_every`` updates) measures, for each call c, the within-group Spearman rho_c between preview
-and final rewards with its standard error se_c (``fidelity.py``). With a target tau and z (one-sided):
+and final rewards with its standard error se_c (``beyond_paper/fidelity.py``). With a target tau and z (one-sided):
 
     lower_c = rho_c - z se_c        (the evidence that c is good enough)
     upper_c = rho_c + z se_c        (the evidence that c is not)
@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .pro_grpo import PruneSchedule
+from ..algorithm.pro_grpo import PruneSchedule
 
 
 @dataclass(frozen=True)

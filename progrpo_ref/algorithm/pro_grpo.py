@@ -1,8 +1,8 @@
 r"""Pro-GRPO: Expand-and-Prune during sampling.
 
 1. Expand: start each prompt with G_max = group_sizes[0] trajectories.
-2. At each prune step c_i (counted in network calls: a trajectory pruned at c has had exactly c
-   evaluations), every live trajectory has just been evaluated at x with model output v. Its
+2. At each prune point t_i (the paper's checkpoint steps, counted in network calls: a trajectory pruned at
+   t_i has had exactly t_i evaluations), every live trajectory has just been evaluated at x with model output v. Its
    one-step clean estimate x0_hat (the sampler's ``preview``: x - sigma v for a rectified flow, the
    probability-flow ODE's projection to sigma = 0) is decoded and scored with the *training*
    reward: the proxy reward.
@@ -10,7 +10,7 @@ r"""Pro-GRPO: Expand-and-Prune during sampling.
    Survivors take their step with that same v, so the preview costs no network call.
 4. Survivors finish; advantages use their true final rewards, normalised over the survivors only.
 
-NFE per prompt = sum_i G_i * (c_{i+1} - c_i), with c_0 = 0 and c_last = T: for Standard
+NFE per prompt = sum_i G_i * (t_{i+1} - t_i), with t_0 = 0 and t_last = T: for Standard
 48 * 5 + 24 * 2 + 12 * 3 = 324; Flow-GRPO's single group of 24 costs 24 * 10 = 240.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from .noise import TrajectoryNoise
 from .ovf import STRATEGIES, select_subset
-from .rollout import Rollout, rollout
+from .rollout import OneProcess, Rollout, in_calls_of, rollout
 from .samplers import Sampler
 
 
@@ -60,8 +60,12 @@ class PruneSchedule:
     def final_size(self) -> int:
         return self.group_sizes[-1]
 
+    def size_after(self, call: int) -> int:
+        """G_{i+1}: the group size the prune at network call ``call`` = t_i leaves."""
+        return self.group_sizes[self.prune_steps.index(call) + 1]
+
     def nfe(self) -> int:
-        """Denoising network evaluations per prompt: sum_i G_i * (c_{i+1} - c_i)."""
+        """Denoising network evaluations per prompt: sum_i G_i * (t_{i+1} - t_i)."""
         bounds = (0, *self.prune_steps, self.num_steps)
         return sum(g * (b - a) for g, a, b in zip(self.group_sizes, bounds, bounds[1:]))
 
@@ -87,53 +91,31 @@ def expand_and_prune(
     generator: torch.Generator | None = None,
     *,
     latent_shape: tuple[int, ...],
+    max_batch: int = 0,
+    processes: OneProcess | None = None,
 ) -> Rollout:
-    """Roll out ``schedule.group_sizes[0]`` trajectories per prompt ``[P]`` and prune them by OVF on
-    preview rewards at each prune step. Returns the survivors (K = final size) with ``previews``:
-    per prune step, the proxy rewards ``[P, G_i]`` of all live trajectories and the kept indices.
-    ``noise`` as in ``rollout``; ``generator`` draws the subsets of ``strategy="random"``.
+    """Roll out ``schedule.group_sizes[0]`` trajectories per prompt ``[P]`` and prune them by OVF on preview rewards
+    at each prune point; returns the survivors (K = final size per prompt) with ``previews``: per prune point, the
+    proxy rewards ``[P, G_i]`` of all live trajectories and the kept indices ``[P, G_{i+1}]``.
+
+    ``noise`` as in ``rollout``; ``generator`` draws the subsets of ``strategy="random"``; ``max_batch`` bounds every
+    network and reward call (0: no bound). With several ``processes`` (``machinery.parallel.Processes``) each samples
+    its share of the groups and every prune is decided on the whole groups, identically everywhere.
     """
     if sampler.num_steps != schedule.num_steps:
         raise ValueError(f"the sampler has {sampler.num_steps} steps but the prune schedule {schedule.num_steps}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
-    records = []
+    reward = in_calls_of(reward_fn, max_batch)
+    previews = []
 
-    def prune(c: int, x0_hat: torch.Tensor, group_prompts: torch.Tensor) -> torch.Tensor:
-        P, g = group_prompts.shape
-        proxy = reward_fn(x0_hat.flatten(0, 1), group_prompts.flatten()).view(P, g)  # [P, G_i]
-        k = schedule.group_sizes[schedule.prune_steps.index(c) + 1]
-        keep = select_subset(proxy, k, strategy, generator)  # [P, k]
-        records.append({"step": c, "rewards": proxy, "keep": keep})
+    def prune(call: int, x0_hat: torch.Tensor, live: Rollout) -> torch.Tensor:
+        proxy = live.whole_groups(reward(x0_hat, live.prompts))  # preview rewards [P, G_i] of the whole groups
+        keep = select_subset(proxy, schedule.size_after(call), strategy, generator)  # [P, G_{i+1}]
+        previews.append({"step": call, "rewards": proxy, "keep": keep})
         return keep
 
-    out = rollout(model, sampler, prompts, schedule.group_sizes[0], noise,
-                  preview_steps=schedule.prune_steps, on_preview=prune, latent_shape=latent_shape)
-    out.previews = records
+    out = rollout(model, sampler, prompts, schedule.group_sizes[0], noise, schedule.prune_steps, prune,
+                  latent_shape=latent_shape, max_batch=max_batch, processes=processes)
+    out.previews = previews
     return out
-
-
-def record_previews(model, sampler: Sampler, prompts, group_size, reward_fn, steps, noise=None, *, latent_shape,
-                    max_batch: int = 0):
-    """An unpruned rollout that scores the preview x0_hat of every trajectory at each of ``steps``.
-
-    For measuring proxy fidelity: returns (rollout, {step: preview rewards [P, G]}). Nothing is pruned.
-    """
-    proxies = {}
-
-    def score(c, x0_hat, group_prompts):
-        proxies[c] = reward_fn(x0_hat.flatten(0, 1), group_prompts.flatten()).view(group_prompts.shape)
-        return None
-
-    out = rollout(model, sampler, prompts, group_size, noise, preview_steps=tuple(steps), on_preview=score,
-                  latent_shape=latent_shape, max_batch=max_batch)
-    return out, proxies
-
-
-def preview_times(schedule: PruneSchedule, sampler: Sampler) -> list[tuple[int, float]]:
-    """``[(c, model_time(c - 1))]`` per prune step: the c-th network call is evaluated at the sampler's
-    model time c - 1, so that is where the preview is taken (a sigma for a flow, a timestep for DDIM).
-    SD3.5-Medium's grid (shift 3): sigma 0.790 and 0.602 at calls 5 and 7; the uniform toy grid: 0.6, 0.4."""
-    if schedule.num_steps != sampler.num_steps:
-        raise ValueError(f"the schedule has {schedule.num_steps} steps but the sampler {sampler.num_steps}")
-    return [(c, float(sampler.model_time(c - 1))) for c in schedule.prune_steps]
