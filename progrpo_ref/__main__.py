@@ -98,12 +98,13 @@ def main(argv=None) -> int:
     task = _task(args.task)
     try:  # every field is checked here, before any process group is joined
         check_sampler(task, arm_config(args.arm, **{**base, **extra}).sampler)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: e.g. a --set schedule with a key PruneSchedule does not have
         field = next((f for f in known if str(e).startswith(f"{f}=")), None)
         where = (f"argument --set {field}" if field in extra else f"argument {options[field]}" if field in options
+                 else f"argument --set {' / '.join(extra)}" if extra and isinstance(e, TypeError)
                  else f"argument --arm {args.arm} with --task {args.task}")
         t.error(f"{where}: {e}")
-    device = _init_distributed(args.device)
+    device = _init_distributed(extra.get("device", args.device))
     config = arm_config(args.arm, **{**base, "device": device, **extra})
     history = train(config, task)
     import torch.distributed as dist

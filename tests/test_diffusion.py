@@ -60,7 +60,7 @@ def test_expand_and_prune_on_the_diffusion_model(diffusion_model, ddim):
     ro = expand_and_prune(model, ddim, torch.tensor([1, 2]), schedule, task.reward, 0, latent_shape=IMAGE_SHAPE)
     assert schedule.nfe() == 48 * 12 + 32 * 4 + 8 * 4 == 736 and PRESETS["dance_grpo"].nfe() == 320
     assert model.nfe == ro.nfe == 2 * 736 and model.calls == 20
-    assert [p["step"] for p in ro.previews] == [12, 16] and [p["rewards"].shape for p in ro.previews] == [(2, 48), (2, 32)]
+    assert [p["call"] for p in ro.previews] == [12, 16] and [p["rewards"].shape for p in ro.previews] == [(2, 48), (2, 32)]
     assert ro.latents.shape == (2 * 8, 21, 1, 8, 8) and torch.isfinite(ro.log_probs).all()
 
 

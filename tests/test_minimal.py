@@ -53,6 +53,23 @@ def test_ovf_finds_the_largest_variance_and_the_packages_subset(G, k):
     assert torch.equal(keep, ovf_select(R, k))
 
 
+@pytest.mark.parametrize("draw", ["scores 1-5", "quarters", "pass-fail", "all equal", "large mean"])
+def test_ovf_keeps_the_packages_subset_when_rewards_tie(draw):
+    """Discrete rewards make several subsets optimal; both implementations break the tie by the same rule."""
+    g = torch.Generator().manual_seed(3)
+    R = {"scores 1-5": torch.randint(1, 6, (300, 24), generator=g).float(),
+         "quarters": (torch.randn(300, 24, generator=g) * 4).round() / 4,
+         "pass-fail": torch.randint(0, 2, (300, 24), generator=g).float(),
+         "all equal": torch.full((5, 24), 0.7),
+         "large mean": 23 + 0.01 * torch.randint(0, 4, (300, 24), generator=g).float()}[draw]
+    for k in (2, 6, 12):
+        mine, theirs = minimal.ovf(R, k), ovf_select(R, k)
+        assert torch.equal(mine, theirs), (draw, k, (mine != theirs).any(1).sum().item())
+        if k == 2:  # the chosen subsets are optimal (brute force over all 276 pairs)
+            best = torch.tensor([brute_force_ovf(r, k) for r in R[:8]], dtype=torch.float64)
+            assert torch.allclose(R[:8].double().gather(1, mine[:8]).var(1, unbiased=False), best, rtol=0, atol=1e-12)
+
+
 def test_advantages_are_the_packages():
     R = torch.randn(4, 12, generator=torch.Generator().manual_seed(1)) * 3
     for global_std in (False, True):

@@ -70,7 +70,7 @@ def test_expand_and_prune_keeps_the_ovf_subset_of_previews(flow_model, margin_re
     sched = PruneSchedule((16, 8, 4), (5, 7), 10)
     sigmas = sde.sigmas
     ro = expand_and_prune(flow_model, sde, torch.tensor([2, 6]), sched, margin_reward, 1, latent_shape=(1, 8, 8))
-    assert [p["step"] for p in ro.previews] == [5, 7]
+    assert [p["call"] for p in ro.previews] == [5, 7]
     assert [tuple(p["rewards"].shape) for p in ro.previews] == [(2, 16), (2, 8)]
     for p in ro.previews:
         assert torch.equal(p["keep"], ovf_select(p["rewards"], p["keep"].shape[1]))
@@ -88,6 +88,13 @@ def test_expand_and_prune_keeps_the_ovf_subset_of_previews(flow_model, margin_re
         for t in range(10):
             lp = step_log_prob(flow_model, sde, lat, prompts, t).log_prob
             assert (lp - ro.log_probs[:, t]).abs().max() < 1e-5
+
+
+def test_a_preview_hook_must_return_distinct_indices_of_live_trajectories(flow_model):
+    for bad in (torch.tensor([[0, 0]]), torch.tensor([[0, 4]]), torch.tensor([0, 1]), torch.tensor([[0.0, 1.0]])):
+        with pytest.raises(ValueError, match=r"on_preview must return None or \[P, k\] = \[1, k\] distinct indices in 0..3"):
+            rollout(flow_model, FlowSDE(4), torch.tensor([2]), 4, 0, (2,), lambda call, x0_hat, live: bad,
+                    latent_shape=(1, 8, 8))
 
 
 def test_record_previews_prunes_nothing(flow_model, margin_reward, sde):

@@ -236,6 +236,7 @@ def test_a_task_without_the_optional_members_trains():
     (["--set", "lr=2"], "argument --set lr: lr=2 must be a finite number in (0, 1]"),
     (["--set", "learning_rate=0.1"], "argument --set: 'learning_rate=0.1' must be NAME=VALUE with NAME a TrainConfig field"),
     (["--task", "diffusion"], "argument --arm flow_grpo with --task diffusion: the diffusion model needs DDIM"),
+    (["--set", 'schedule={"sizes": [8, 4]}'], "argument --set schedule: "),
 ])
 def test_the_command_line_reports_a_bad_argument_in_one_line(argv, names, capsys):
     from progrpo_ref.__main__ import main

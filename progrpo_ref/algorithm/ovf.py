@@ -15,7 +15,9 @@ score the k + 1 "two tails" candidates with prefix sums,
     S_j = sum of the j lowest + sum of the k - j highest,    Q_j = same for the squares,
     var_j = Q_j / k - (S_j / k)^2,
 
-and keep the best. ``tests/test_ovf.py`` checks this against brute force over all subsets.
+and keep the best; among candidates that tie (discrete rewards make several subsets optimal) the one with the
+fewest lowest rewards (``first_best``). ``tests/test_ovf.py`` checks this against brute force over all subsets.
+Ties in reward are ordered by index (a stable sort).
 
 Shapes: ``rewards`` ``[G]`` -> indices ``[k]``, or batched ``[P, G]`` -> ``[P, k]`` (one group per
 prompt); indices are returned in ascending reward order.
@@ -51,10 +53,22 @@ def _tails(order: torch.Tensor, j: torch.Tensor, k: int) -> torch.Tensor:
     return order[keep].view(-1, k)
 
 
+TIE = 1e-9  # candidates whose variance is within TIE x the largest squared reward of the best are ties
+
+
+def first_best(var: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """The j of the best candidate per row of ``var`` ``[P, k + 1]``, ties going to the smallest j (the fewest lowest
+    rewards). A tie is a variance within ``TIE`` x max R^2 of the best: far above float64's rounding of the prefix
+    sums (which cancel when the rewards' mean is large) and far below any real difference. Discrete rewards tie
+    often (several subsets are optimal); a rule, not the last bit of a sum, then decides which is kept."""
+    slack = TIE * rewards.pow(2).amax(dim=1, keepdim=True)
+    return (var >= var.amax(dim=1, keepdim=True) - slack).double().argmax(dim=1)
+
+
 def ovf_select(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the size-k subset with the largest reward variance (exact, O(G log G))."""
     r = _check(rewards, k)
-    sorted_r, order = r.detach().cpu().double().sort(dim=1)  # float64 on the CPU: exact enough, and on any device
+    sorted_r, order = r.detach().cpu().double().sort(dim=1, stable=True)  # float64 on the CPU, from any device
     G = r.shape[1]
     zero = torch.zeros_like(sorted_r[:, :1])
     csum = torch.cat([zero, sorted_r.cumsum(1)], 1)  # csum[:, i] = sum of the i lowest
@@ -64,7 +78,7 @@ def ovf_select(rewards: torch.Tensor, k: int) -> torch.Tensor:
     S = csum[:, j] + csum[:, G:G + 1] - csum[:, hi]  # [P, k + 1]
     Q = csq[:, j] + csq[:, G:G + 1] - csq[:, hi]
     var = Q / k - (S / k) ** 2
-    idx = _tails(order, var.argmax(dim=1), k).to(rewards.device)
+    idx = _tails(order, first_best(var, sorted_r), k).to(rewards.device)
     return idx if rewards.dim() == 2 else idx[0]
 
 

@@ -1,16 +1,16 @@
 r"""Pro-GRPO: Expand-and-Prune during sampling.
 
-1. Expand: start each prompt with G_max = group_sizes[0] trajectories.
-2. At each prune point t_i (the paper's checkpoint steps, counted in network calls: a trajectory pruned at
-   t_i has had exactly t_i evaluations), every live trajectory has just been evaluated at x with model output v. Its
-   one-step clean estimate x0_hat (the sampler's ``preview``: x - sigma v for a rectified flow, the
-   probability-flow ODE's projection to sigma = 0) is decoded and scored with the *training*
-   reward: the proxy reward.
-3. Keep the OVF subset of size group_sizes[i + 1] of the proxy rewards; the others stop at once.
-   Survivors take their step with that same v, so the preview costs no network call.
+1. Expand: start each prompt with G_0 = group_sizes[0] trajectories.
+2. At the j-th prune point t_j = prune_steps[j - 1] (the paper's checkpoint steps, counted in network calls: a
+   trajectory pruned at t_j has had exactly t_j evaluations), every live trajectory has just been evaluated at x
+   with model output v. Its one-step clean estimate x0_hat (the sampler's ``preview``: x - sigma v for a rectified
+   flow, the probability-flow ODE's projection to sigma = 0) is decoded and scored with the *training* reward: the
+   proxy reward.
+3. Keep the OVF subset of size G_j = group_sizes[j] of the proxy rewards; the others stop at once. Survivors take
+   their step with that same v, so the preview costs no network call.
 4. Survivors finish; advantages use their true final rewards, normalised over the survivors only.
 
-NFE per prompt = sum_i G_i * (t_{i+1} - t_i), with t_0 = 0 and t_last = T: for Standard
+NFE per prompt = sum_j G_j * (t_{j+1} - t_j), with t_0 = 0 and a last t = T: for Standard
 48 * 5 + 24 * 2 + 12 * 3 = 324; Flow-GRPO's single group of 24 costs 24 * 10 = 240.
 """
 from __future__ import annotations
@@ -61,11 +61,11 @@ class PruneSchedule:
         return self.group_sizes[-1]
 
     def size_after(self, call: int) -> int:
-        """G_{i+1}: the group size the prune at network call ``call`` = t_i leaves."""
+        """G_j: the group size the prune at network call ``call`` = t_j leaves."""
         return self.group_sizes[self.prune_steps.index(call) + 1]
 
     def nfe(self) -> int:
-        """Denoising network evaluations per prompt: sum_i G_i * (t_{i+1} - t_i)."""
+        """Denoising network evaluations per prompt: sum_j G_j * (t_{j+1} - t_j)."""
         bounds = (0, *self.prune_steps, self.num_steps)
         return sum(g * (b - a) for g, a, b in zip(self.group_sizes, bounds, bounds[1:]))
 
@@ -74,8 +74,8 @@ PRESETS = {
     "flow_grpo": PruneSchedule((24,), (), 10),  # the baseline: one group of 24, nothing pruned
     "standard": PruneSchedule((48, 24, 12), (5, 7), 10),  # Pro-GRPO Standard (SD3.5-M setting)
     "flash": PruneSchedule((24, 16, 12), (5, 7), 10),  # Flash: no expansion; the paper gives no steps, we use (5, 7)
-    # the paper's SD-v1.4 setting (T = 50, prunes at 30 and 40) scaled to T = 20: prunes at 12 and 16
     "dance_grpo": PruneSchedule((16,), (), 20),  # DanceGRPO's group of 16: 320 NFE per prompt
+    # the paper's SD-v1.4 setting (T = 50, prunes at 30 and 40) scaled to T = 20: prunes at 12 and 16
     "standard_sd14": PruneSchedule((48, 32, 8), (12, 16), 20),  # 48 * 12 + 32 * 4 + 8 * 4 = 736
 }
 
@@ -94,9 +94,10 @@ def expand_and_prune(
     max_batch: int = 0,
     processes: OneProcess | None = None,
 ) -> Rollout:
-    """Roll out ``schedule.group_sizes[0]`` trajectories per prompt ``[P]`` and prune them by OVF on preview rewards
-    at each prune point; returns the survivors (K = final size per prompt) with ``previews``: per prune point, the
-    proxy rewards ``[P, G_i]`` of all live trajectories and the kept indices ``[P, G_{i+1}]``.
+    """Roll out G_0 = ``schedule.group_sizes[0]`` trajectories per prompt ``[P]`` and prune them at each prune point
+    by ``strategy`` (OVF) on their preview rewards; returns the survivors (K = final size per prompt) with
+    ``previews``: per prune point, its network call, the proxy rewards ``[P, G_{j-1}]`` of all live trajectories and
+    the kept indices ``[P, G_j]``.
 
     ``noise`` as in ``rollout``; ``generator`` draws the subsets of ``strategy="random"``; ``max_batch`` bounds every
     network and reward call (0: no bound). With several ``processes`` (``machinery.parallel.Processes``) each samples
@@ -110,9 +111,9 @@ def expand_and_prune(
     previews = []
 
     def prune(call: int, x0_hat: torch.Tensor, live: Rollout) -> torch.Tensor:
-        proxy = live.whole_groups(reward(x0_hat, live.prompts))  # preview rewards [P, G_i] of the whole groups
-        keep = select_subset(proxy, schedule.size_after(call), strategy, generator)  # [P, G_{i+1}]
-        previews.append({"step": call, "rewards": proxy, "keep": keep})
+        proxy = live.whole_groups(reward(x0_hat, live.prompts))  # preview rewards [P, G_{j-1}] of the whole groups
+        keep = select_subset(proxy, schedule.size_after(call), strategy, generator)  # [P, G_j]
+        previews.append({"call": call, "rewards": proxy, "keep": keep})
         return keep
 
     out = rollout(model, sampler, prompts, schedule.group_sizes[0], noise, schedule.prune_steps, prune,

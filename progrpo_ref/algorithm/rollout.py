@@ -95,7 +95,7 @@ class Rollout:
     nfe: int  # network evaluations measured in this process
     kept: torch.Tensor  # [P, K] long, on the CPU: the indices g each group keeps, in canonical order (the same on every process)
     started: int  # G_0: trajectories started per prompt
-    previews: list[dict] = field(default_factory=list)  # per prune point: {"step", "rewards" [P, G_i], "keep" [P, G_{i+1}]}
+    previews: list[dict] = field(default_factory=list)  # per prune point: {"call", "rewards" [P, G_{j-1}], "keep" [P, G_j]}
     processes: OneProcess = field(default_factory=OneProcess, repr=False)
 
     @property
@@ -118,10 +118,11 @@ class Rollout:
     def whole_groups(self, values: torch.Tensor) -> torch.Tensor:
         """One scalar per held trajectory ``[n]`` -> the whole groups' ``[P, K]`` fp32 on the CPU, gathered from
         every process, in canonical order: what every decision on a group is taken on."""
+        values = values.float()  # every process's in one dtype (an empty share's too)
         keys, values = self.processes.gather(self.keys.to(values.device)), self.processes.gather(values)
         P = len(self.kept)
         table = torch.full((P, self.started), float("nan"), dtype=torch.float64)
-        table[keys[:, 0].cpu(), keys[:, 1].cpu()] = values.cpu().double()  # float64 only on the CPU (MPS has none)
+        table[keys[:, 0].cpu(), keys[:, 1].cpu()] = values.cpu().double()
         return table.gather(1, self.kept).float()
 
     def final_rewards(self, reward_fn: Callable) -> torch.Tensor:
@@ -164,6 +165,17 @@ def _check(sampler, prompts, group_size, preview_steps, latent_shape):
         raise ValueError(f"preview_steps={tuple(preview_steps)} must lie in [1, {sampler.num_steps}] (network calls)")
     if not (isinstance(latent_shape, (tuple, list)) and latent_shape and all(isinstance(d, int) and d > 0 for d in latent_shape)):
         raise ValueError(f"latent_shape={latent_shape!r} must be a tuple of positive ints, the task's [C, H, W]")
+
+
+def _checked_keep(keep, kept: torch.Tensor) -> torch.Tensor:
+    """``keep`` on the CPU, refused unless it is ``[P, k]`` of distinct indices into each group's live ones."""
+    keep = keep.cpu() if isinstance(keep, torch.Tensor) else keep
+    P, g = kept.shape
+    if not (isinstance(keep, torch.Tensor) and keep.dim() == 2 and len(keep) == P and not keep.is_floating_point()
+            and len(keep) and ((keep >= 0) & (keep < g)).all() and (keep.sort(dim=1).values.diff(dim=1) > 0).all()):
+        raise ValueError(f"on_preview must return None or [P, k] = [{P}, k] distinct indices in 0..{g - 1} per group, "
+                         f"got {keep!r:.120}")
+    return keep
 
 
 def _network(model, x, t, prompts, max_batch):
@@ -212,7 +224,7 @@ def rollout(
             live = Rollout(c, keys, None, None, counter.nfe - nfe_before, kept, group_size, processes=processes)
             keep = on_preview(i + 1, sampler.preview(out, x, i), live)
             if keep is not None:  # prune: survivors keep their history and this step's model output
-                kept = kept.gather(1, keep.cpu())
+                kept = kept.gather(1, _checked_keep(keep, kept))
                 held = held_in_order(keys, kept, group_size)
                 on = held.to(device)
                 x, out, c, z, keys = x[on], out[on], c[on], z[held], keys[held]

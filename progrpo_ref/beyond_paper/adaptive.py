@@ -1,6 +1,6 @@
 r"""An adaptive prune schedule: prune only at steps whose previews are measured to be faithful.
 
-The paper fixes Pro-GRPO's checkpoints (calls 5 and 7 of 10). A fidelity audit (``trainer``, every
+The paper fixes Pro-GRPO's checkpoints (calls 5 and 7 of 10). A fidelity audit (``machinery/run.py``, every
 ``audit_every`` updates) measures, for each call c, the within-group Spearman rho_c between preview
 and final rewards with its standard error se_c (``beyond_paper/fidelity.py``). With a target tau and z (one-sided):
 

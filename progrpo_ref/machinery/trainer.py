@@ -31,12 +31,12 @@ def collect(model: Callable, task, config: TrainConfig, update: int, generator: 
     trajectories' noise ``TrajectoryNoise(config.seed, update)``, the final rewards and the static selection.
     Returns this process's trained trajectories and R ``[P, K]`` of the whole groups. Network and reward calls
     hold at most ``config.device_batch`` trajectories."""
-    reward = in_calls_of(task.reward, config.device_batch)
+    processes = processes or Processes()  # one, unless torch.distributed is initialised
     prompts = task.sample_prompts(config.prompts_per_update, generator).to(config.device)
-    ro = expand_and_prune(model, config.sampler, prompts, config.schedule, reward, TrajectoryNoise(config.seed, update),
+    ro = expand_and_prune(model, config.sampler, prompts, config.schedule, task.reward, TrajectoryNoise(config.seed, update),
                           config.prune_strategy, generator, latent_shape=task.latent_shape,
                           max_batch=config.device_batch, processes=processes)
-    R = ro.final_rewards(reward)  # [P, K]
+    R = ro.final_rewards(in_calls_of(task.reward, config.device_batch))  # [P, K]
     if config.selection != "all":  # static selection on the final rewards (OVF, random, ...)
         keep = select_subset(R, config.select_k, config.selection, generator)
         ro, R = ro.select(keep), R.gather(1, keep)
@@ -96,7 +96,7 @@ def train(config: TrainConfig, task, resume: bool = False, model: torch.nn.Modul
     ``model`` defaults to ``task.policy(device)``; it is trained in place. ``resume=True`` continues from
     ``config.checkpoint_path`` up to ``config.num_updates``; the history then equals an uninterrupted run's, timings
     aside (same thread count). A checkpoint whose config or task differs from this one (other than
-    ``config.RESUMABLE_CHANGES``) is refused, naming the fields.
+    ``machinery.config.RESUMABLE_CHANGES``) is refused, naming the fields.
     """
     run = Run(config, task, model, resume)  # policy, reference, optimizer, processes, history; the first evaluation
     for u in run.updates():
