@@ -70,7 +70,7 @@ def test_benchmark_measures_the_schedules_nfe(tmp_path):
     from progrpo_ref.study import bench
 
     out = tmp_path / "bench.json"
-    bench.main(["--quick", "--threads", "1", "--json", str(out)])
+    bench.main(["--quick", "--threads", "1", "--prompts", "1", "--json", str(out)])
     rows = {r["method"]: r for r in json.loads(out.read_text())}
     assert {m: r["nfe_per_prompt"] for m, r in rows.items()} == {"flow_grpo": 240, "ovf": 240, "standard": 324, "flash": 188}
     assert {m: r["preview_evals_per_prompt"] for m, r in rows.items()} == {"flow_grpo": 0, "ovf": 0, "standard": 72, "flash": 40}
