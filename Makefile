@@ -1,5 +1,6 @@
 # Two commands a newcomer needs: `make reproduce` (everything) and `make test` (CI's command).
-PYTHON_BOOT ?= python3.11
+# The interpreter: the first of python3.11, python3.12, python3.13, python3 on PATH (3.11 is what CI tests).
+PYTHON_BOOT ?= $(firstword $(foreach p,python3.11 python3.12 python3.13 python3,$(if $(shell command -v $(p) 2>/dev/null),$(p))))
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -13,7 +14,8 @@ venv: $(STAMP)
 
 # torch is installed first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
-	@command -v $(PYTHON_BOOT) >/dev/null || { echo "need $(PYTHON_BOOT) on PATH (or make PYTHON_BOOT=/path/to/python3.11)"; exit 1; }
+	@command -v $(PYTHON_BOOT) >/dev/null || { echo "need Python 3.11 or newer on PATH (or make PYTHON_BOOT=/path/to/python3)"; exit 1; }
+	@$(PYTHON_BOOT) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "$(PYTHON_BOOT) is older than Python 3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
@@ -25,19 +27,22 @@ test: venv
 	$(PY) -m pytest -q tests
 	$(if $(NOTEBOOKS),PROGRPO_PROFILE=quick $(PY) -m pytest -q --nbval-lax $(NOTEBOOKS))
 
-# Re-execute every notebook in order, in place, in the full profile (they rewrite figures/ and their part of
-# figures/results.json), then the benchmark (figures/bench_cpu.{md,json}, figures/bench_scaling.png), then
-# regenerate the README's result sections from those files. About 60 minutes on 2 cores.
+# Re-execute every notebook in order, in place, in the full profile, computing everything (PROGRPO_RESULTS=rebuild:
+# no stored run is read; each notebook rewrites figures/runs/<notebook>.json.gz, its figures and its part of
+# figures/results.json), then the benchmark (figures/bench_cpu.{md,json}, figures/bench_scaling.png), then regenerate
+# the generated sections of README.md and docs/. About 55 minutes on 2 cores.
 reproduce: venv
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \
-	  PROGRPO_PROFILE=full $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
+	  PROGRPO_PROFILE=full PROGRPO_RESULTS=rebuild $(PY) -m jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.timeout=-1 --ExecutePreprocessor.store_widget_state=False "$$nb" || exit 1; \
 	done
 	$(MAKE) bench
 	$(PY) -m progrpo_ref.study.results
 
-# JupyterLab refuses to start as root (as in most containers) unless told --allow-root; only pass it then.
+# JupyterLab on notebooks/: a notebook opened there runs the full profile and reads the committed runs
+# (figures/runs/), so it shows the study's results in minutes. JupyterLab refuses to start as root (as in most
+# containers) unless told --allow-root; only pass it then.
 LAB_ROOT_FLAG = $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: venv
 	$(PY) -m jupyter lab $(LAB_ROOT_FLAG) notebooks/

@@ -24,7 +24,7 @@ def curve(f, se):
     return {c: {"mean": f(c), "se": se} for c in range(1, 10)}
 
 
-def test_checkpoints_move_earlier_on_evidence_and_stay_ordered():
+def test_prune_points_move_earlier_on_evidence_and_stay_ordered():
     p = decide(STANDARD, (5, 7), curve(lambda c: c / 10, 0.01), target=0.45)
     assert p.schedule.prune_steps == (5, 6) and p.selection == "all"  # 5 is the first call to clear 0.45 + 1.645 se
     p = decide(STANDARD, (5, 7), curve(lambda c: c / 10, 0.01), target=0.25)
@@ -41,7 +41,7 @@ def test_no_call_good_enough_means_select_on_final_rewards():
     assert back.schedule.prune_steps == (5, 6) and back.moves[1] == "returns at 6"
 
 
-def test_a_noisy_estimate_does_not_move_a_checkpoint():
+def test_a_noisy_estimate_does_not_move_a_prune_point():
     noisy = curve(lambda c: 0.2, 0.5)  # lower bound -0.6, upper 1.0: neither shown good nor shown bad
     assert decide(STANDARD, (5, 7), noisy, target=0.5).moves == ("stays 5", "stays 7")
     bad_here = curve(lambda c: 0.1 if c < 8 else 0.9, 0.01)  # 5 and 7 shown bad, 8 and 9 shown good
@@ -96,7 +96,7 @@ def test_the_audit_never_reaches_the_loss_and_is_counted_apart():
 
 
 def test_adaptive_placement_is_logged_sampled_with_and_resumed(tmp_path, monkeypatch):
-    # target -1 is cleared by every call: both checkpoints move to the earliest calls, 1 and 2
+    # target -1 is cleared by every call: both prune points move to the earliest calls, 1 and 2
     h = train(config(audit_every=2, adaptive=True, fidelity_target=-1.0), TASK)
     first = h["updates"][0]
     assert first["placement"]["prune_steps"] == [1, 2] and first["placement"]["selection"] == "all"

@@ -55,12 +55,21 @@ def test_curve_and_paired_difference():
     assert not noisy["exceeds_2se"] and verdict(noisy, +1) == "same direction, within noise"
 
 
-def test_quick_profile_never_writes_to_figures(monkeypatch):
+def test_only_a_rebuild_writes_to_figures(monkeypatch):
     from progrpo_ref.study import plots
+    from progrpo_ref.study.cache import MODE_ENV
+    from progrpo_ref.study.experiments import Study
 
+    monkeypatch.delenv(plots.PROFILE_ENV, raising=False)
+    monkeypatch.delenv(MODE_ENV, raising=False)
+    assert plots.current_profile() == "full"  # what a reader opening a notebook gets
+    assert not Study("x").writes  # ... and a reader's run does not touch the committed figures
     monkeypatch.setenv(plots.PROFILE_ENV, "quick")
-    assert plots.current_profile() == "quick"
-    assert plots.figure_dir("quick") != plots.REPO_FIGURES
+    assert plots.current_profile() == "quick" and not Study("x").writes and Study("x").results.mode == "off"
+    assert plots.figure_dir(False) != plots.REPO_FIGURES and plots.figure_dir(True) == plots.REPO_FIGURES
+    monkeypatch.setenv(plots.PROFILE_ENV, "full")
+    monkeypatch.setenv(MODE_ENV, "rebuild")
+    assert Study("x").writes  # make reproduce
     monkeypatch.setenv(plots.PROFILE_ENV, "fast")
     with pytest.raises(ValueError, match="'fast' must be 'quick' or 'full'"):
         plots.current_profile()

@@ -1,5 +1,6 @@
-"""Numbers come from code: the README's result sections are generated from the committed results files,
-and every number a notebook's "What we see" paragraph quotes is printed by a cell above it."""
+"""Numbers come from code: the generated sections of the README and the docs come from the committed results
+files, every number a notebook's "What we see" paragraph quotes is printed by a cell above it, and the notebooks
+keep the shape a reader relies on (short interpretations, exercises, a checked cell, no machine's paths)."""
 import json
 import re
 from pathlib import Path
@@ -16,12 +17,14 @@ PAPER_NUMBERS = {"23.322", "23.722", "24.008", "0.686", "0.400", "0.286", "0.69"
 NUMBER = re.compile(r"(?<![\w.])[-+]?\d+\.\d+%?")
 
 
-def test_readme_sections_are_generated_from_the_results_files():
-    text = results.README.read_text()
+def test_generated_sections_come_from_the_results_files():
     gpu = json.loads(results.GPU.read_text()) if results.GPU.exists() else None
     secs = results.sections(json.loads(results.RESULTS.read_text()), json.loads(results.BENCH.read_text()), gpu)
-    assert results.regenerate(text, secs) == text, "run python -m progrpo_ref.study.results (make reproduce does)"
+    for page, (text, regenerated) in results.regenerated_pages(secs).items():
+        assert regenerated == text, f"{page.name}: run python -m progrpo_ref.study.results (make reproduce does)"
+        assert "<!-- results:" in text
     assert results.main(["--check"]) == 0
+    assert len(results.README.read_text().splitlines()) <= 200  # the README stays a front page
 
 
 def test_regenerate_replaces_only_between_markers():
@@ -77,3 +80,31 @@ def test_the_readmes_example_runs():
     scope = {}
     exec(code.replace("num_updates=5", "num_updates=1, progress=False"), scope)  # one update instead of five
     assert scope["R"].shape == (2, 12) and scope["history"]["updates"][0]["nfe_per_prompt"] == 324
+
+
+def markdown_cells(nb: dict) -> list[str]:
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_a_notebook_reads_as_a_lesson(path):
+    """Each "What we see" interprets in a short paragraph; the notebook ends with exercises, has at least one cell
+    nbval compares, and asserts its invariants."""
+    nb = json.loads(path.read_text())
+    md = markdown_cells(nb)
+    seen = [m for m in md if m.startswith("**What we see.**")]
+    assert seen and all(len(m.split()) <= 110 for m in seen), [len(m.split()) for m in seen]
+    assert any(m.startswith("## Exercises") for m in md[-3:])
+    exercises = next(m for m in md if m.startswith("## Exercises"))
+    assert exercises.count("*Expect*") >= 2  # each with the direction of the expected answer
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    assert any(c.startswith("# NBVAL_CHECK_OUTPUT") for c in code)
+    assert any("assert " in c for c in code)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_output_carries_a_path_of_the_machine(path):
+    nb = json.loads(path.read_text())
+    text = "\n".join(outputs_text(c) for c in nb["cells"] if c["cell_type"] == "code")
+    for marker in (str(REPO), "PosixPath(", "/tmp/", "/home/", "/root/"):
+        assert marker not in text, marker

@@ -1,4 +1,4 @@
-"""Notebook 06's measurements: noise levels against diffusers' own schedule, fidelity by call against scipy,
+"""Notebook 07's measurements: noise levels against diffusers' own schedule, fidelity by call against scipy,
 the spread regression against scikit-learn and a Monte Carlo of its standard errors, the arms, and the
 audit's cost in the curves."""
 import itertools
@@ -160,7 +160,10 @@ def test_audit_cost_placements_and_curves_count_the_audit():
 
 
 def test_run_screen_trains_and_measures_every_candidate():
-    out = run_screen(DigitsTask(eval_per_class=1, eval_group=4), 1, torch.tensor([0, 1]), group_size=4, workers=1,
+    from progrpo_ref.study.experiments import Study
+
+    study = Study("test_screen", profile="quick", workers=1)
+    out = run_screen(study, DigitsTask(eval_per_class=1, eval_group=4), 1, torch.tensor([0, 1]), group_size=4,
                      prompts_per_update=2, eval_every=1)
     assert list(out) == list(SCREEN)
     for r in out.values():

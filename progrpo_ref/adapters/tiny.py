@@ -1,6 +1,6 @@
 """Tiny, randomly initialised diffusers pipelines built from configuration, with nothing downloaded.
 
-The tests and notebook 05 run the pipeline tasks on these: the same classes as the real models
+The tests and notebook 06 run the pipeline tasks on these: the same classes as the real models
 (``StableDiffusion3Pipeline``, ``StableDiffusionPipeline``), a few thousand parameters each, images of
 16 x 16 pixels (latents ``[C, 8, 8]``: the tiny VAE downsamples by 2, the real ones by 8).
 

@@ -1,7 +1,7 @@
 r"""Proxy fidelity: how well the previews rank a group's trajectories the way their final rewards do.
 
 Expand-and-Prune keeps trajectories by their preview rewards p (the reward of the one-step clean
-estimate x0_hat at a checkpoint); GRPO then trains on their final rewards R. For one prompt's group
+estimate x0_hat at a prune point); GRPO then trains on their final rewards R. For one prompt's group
 of G trajectories, ``p, R`` ``[G]``:
 
     rho = Spearman(p, R) = Pearson(rank(p), rank(R)),

@@ -97,11 +97,11 @@ class TrainConfig:
     audit_prompts: int = 4
     """prompts (groups) per audit: the standard errors shrink like 1 / sqrt(audit_prompts)"""
     adaptive: bool = False
-    """after each audit, move the prune checkpoints by ``adaptive.decide`` (needs audit_every > 0, a pruned
+    """after each audit, move the prune points by ``adaptive.decide`` (needs audit_every > 0, a pruned
     schedule and selection "all"); the placement is logged per update (``placement``)"""
     fidelity_target: float = 0.5
     """tau in [-1, 1]: the Spearman a call's previews must clear with their lower bound to be pruned on.
-    0.5: the previews order a group at least halfway as the final rewards do (notebook 03 measured 0.51 and
+    0.5: the previews order a group at least halfway as the final rewards do (notebook 04 measured 0.51 and
     0.77 at the paper's calls 5 and 7 on the pretrained flow model)"""
     fidelity_z: float = 1.645
     """z of the one-sided bounds rho +- z se (1.645: 95%)"""

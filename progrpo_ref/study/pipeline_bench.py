@@ -15,8 +15,8 @@ Then the benchmark's ``--sd35`` path in its quick form (``bench_sd35.md``). The 
 1-layer CLIPs of CLIP-L/G's widths and no T5 (zeros in its 256 token slots, as diffusers does without
 T5): prompt embeddings have SD3.5's shapes; the encoders' cost (once per prompt) is not timed.
 
-``render`` writes ``figures/gpu_pipeline.json``, from which ``study.results`` generates the README's
-GPU table next to the FLOP ratios counted by ``pipeline_costs`` (which need no GPU).
+``render`` writes ``figures/gpu_pipeline.json``, from which ``study.results`` generates the GPU table of
+``docs/pipelines.md`` next to the FLOP ratios counted by ``pipeline_costs`` (which need no GPU).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from ..adapters.tiny import clip_tokenizer
 from ..algorithm.pro_grpo import PRESETS
 from ..machinery.trainer import train
 from .pipeline_costs import PAPER_RATIO, PICKSCORE_CLIP, epoch_costs
-from .results import GPU as GPU_JSON  # the file study.results renders the README's GPU table from
+from .results import GPU as GPU_JSON  # the file study.results renders docs/pipelines.md's GPU table from
 
 ARMS = ("flow_grpo", "standard", "flash")
 PROMPTS = ["a photo of a cat on the grass", "a red bird in the sky", "a painting of a big dog", "a small blue fish",

@@ -1,7 +1,7 @@
 """Plotting helpers shared by the notebooks, and where their figures go.
 
-``figure_dir(profile)``: ``figures/`` for the full profile; a temporary folder for the quick profile,
-so ``make test`` never overwrites committed figures.
+``figure_dir(committed)``: ``figures/`` when ``make reproduce`` rebuilds the committed results; a temporary folder
+otherwise (a reader's run, nbval's quick run), so that running a notebook never changes the work tree.
 """
 from __future__ import annotations
 
@@ -18,34 +18,34 @@ REPO_FIGURES = Path(__file__).resolve().parents[2] / "figures"
 PROFILE_ENV = "PROGRPO_PROFILE"
 COLORS = {"flow_grpo": "C0", "g12": "C7", "ovf": "C3", "random": "C2", "standard": "C1", "flash": "C4",
           "top": "C5", "split": "C6", "bottom": "C8", "paper (5,7)": "C1", "late (6,8)": "C5", "adaptive": "C2",
-          "adaptive 0.8": "C9", "ovf_48": "C3"}
+          "adaptive 0.8": "C9", "ovf_48": "C3", "dance_grpo": "C0", "standard_sd14": "C1"}
 
 
-def current_profile(default: str = "quick") -> str:
-    """The notebook profile from the ``PROGRPO_PROFILE`` environment variable ("quick" or "full")."""
+def current_profile(default: str = "full") -> str:
+    """The notebook profile from the ``PROGRPO_PROFILE`` environment variable: "full" (the study's sizes; the
+    default, what a reader gets) or "quick" (nbval's small sizes)."""
     profile = os.environ.get(PROFILE_ENV, default)
     if profile not in ("quick", "full"):
         raise ValueError(f"{PROFILE_ENV}={profile!r} must be 'quick' or 'full'")
     return profile
 
 
-def figure_dir(profile: str) -> Path:
-    if profile == "full":
+def figure_dir(committed: bool) -> Path:
+    if committed:
         REPO_FIGURES.mkdir(exist_ok=True)
         return REPO_FIGURES
-    global _QUICK_DIR
-    if _QUICK_DIR is None:
-        _QUICK_DIR = Path(tempfile.mkdtemp(prefix="progrpo_figures_"))
-    return _QUICK_DIR
+    global _TEMP_DIR
+    if _TEMP_DIR is None:
+        _TEMP_DIR = Path(tempfile.mkdtemp(prefix="progrpo_figures_"))
+    return _TEMP_DIR
 
 
-_QUICK_DIR = None
+_TEMP_DIR = None
 
 
-def save(fig, name: str, profile: str) -> Path:
-    """Save ``fig`` as ``<figure_dir>/<name>.png`` with the profile stamped in a corner."""
-    fig.text(0.995, 0.005, f"profile: {profile}", ha="right", va="bottom", fontsize=7, color="gray")
-    path = figure_dir(profile) / f"{name}.png"
+def save(fig, name: str, committed: bool) -> Path:
+    """Save ``fig`` as ``<figure_dir(committed)>/<name>.png``."""
+    path = figure_dir(committed) / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
@@ -69,17 +69,35 @@ def image_grid(images: torch.Tensor, ax=None, nrow: int | None = None, title: st
     return ax
 
 
-def plot_arms(ax, results: dict, key: str, x: str = "update", label_fmt: str = "{arm}", seconds_per_update: dict | None = None):
-    """Mean over seeds (line) and min-max across seeds (band) of ``key`` for each arm.
+def plot_arms(ax, results: dict, key: str, x: str = "update", label_fmt: str = "{arm}", seconds_per_update: dict | None = None,
+              colors: dict | None = None, bands: bool = True):
+    """Mean over seeds (line) and min-max across seeds (band, in the line's colour; ``bands=False``: none) of ``key``
+    for each arm.
 
-    results: ``{arm: [history per seed]}``; ``seconds_per_update``: ``{arm: s}`` for ``x="seconds"``."""
+    results: ``{arm: [history per seed]}``; ``seconds_per_update``: ``{arm: s}`` for ``x="seconds"``; ``colors``:
+    ``{arm: colour}`` (default ``COLORS`` by the run's arm, else the next colour of the cycle, band included)."""
     for arm, hs in results.items():
         xs, vals = curve(hs, key, x, (seconds_per_update or {}).get(arm))
-        color = COLORS.get(hs[0]["config"]["arm"], None)
-        ax.plot(xs, vals.mean(0), label=label_fmt.format(arm=arm, n=len(hs)), color=color)
-        if len(hs) > 1:
-            ax.fill_between(xs, vals.min(0).values, vals.max(0).values, alpha=0.2, color=color)
+        color = (colors or {}).get(arm) or COLORS.get(arm) or COLORS.get(hs[0]["config"]["arm"])
+        (line,) = ax.plot(xs, vals.mean(0), label=label_fmt.format(arm=arm, n=len(hs)), color=color)
+        if bands and len(hs) > 1:
+            ax.fill_between(xs, vals.min(0).values, vals.max(0).values, alpha=0.2, color=line.get_color(), lw=0)
     ax.grid(alpha=0.3)
+    return ax
+
+
+def plot_differences(ax, rows: dict, baseline: str, xlabel: str):
+    """Paired differences as points with 2-se error bars, one row per comparison, and the baseline's zero line:
+    ``rows`` ``{label: {"mean", "se"}}`` (``analysis.paired_difference``)."""
+    labels = list(rows)
+    means = [rows[k]["mean"] for k in labels]
+    errors = [2 * rows[k]["se"] for k in labels]
+    ax.errorbar(means, range(len(labels)), xerr=errors, fmt="o", color="C0", capsize=3)
+    ax.axvline(0, color="gray", lw=1)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set(xlabel=f"{xlabel} minus {baseline} (mean over paired seeds, bars 2 se)")
+    ax.grid(axis="x", alpha=0.3)
     return ax
 
 

@@ -1,11 +1,12 @@
-"""The study's numbers in one file, and the README's result sections generated from it.
+"""The study's numbers in one file, and the generated sections of the README and the docs.
 
-Each notebook, in the full profile, records what it measured under its own key of
-``figures/results.json`` (``record``); the quick profile writes to a temporary file instead, so
-``make test`` never touches committed results. The benchmark writes ``figures/bench_cpu.json``.
-``python -m progrpo_ref.study.results`` rewrites the README's generated sections (between
-``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``) from those two files; ``--check`` only
-reports whether they are up to date (a test runs it).
+Each notebook, when ``make reproduce`` rebuilds it, records what it measured under its own key of
+``figures/results.json`` (``record``); any other run writes to a temporary file instead, so neither ``make test``
+nor a reader's run touches committed results. The benchmark writes ``figures/bench_cpu.json``.
+``python -m progrpo_ref.study.results`` rewrites the generated sections (between ``<!-- results:NAME -->`` and
+``<!-- /results:NAME -->``) of ``README.md`` (the verdict and the learning path), ``docs/results.md`` (every table)
+and ``docs/pipelines.md`` (the SD3.5-Medium costs) from those files; ``--check`` only reports whether they are up
+to date (a test runs it).
 """
 from __future__ import annotations
 
@@ -23,16 +24,21 @@ RESULTS = REPO / "figures" / "results.json"
 BENCH = REPO / "figures" / "bench_cpu.json"
 GPU = REPO / "figures" / "gpu_pipeline.json"  # written by study.pipeline_bench render, when a GPU has run it
 README = REPO / "README.md"
+DOCS_RESULTS = REPO / "docs" / "results.md"
+DOCS_PIPELINES = REPO / "docs" / "pipelines.md"
+PAGES = {README: ("verdict", "path"), DOCS_RESULTS: ("model", "rewards", "findings", "diffusion", "when", "bench"),
+         DOCS_PIPELINES: ("gpu",)}
 _QUICK = Path(tempfile.gettempdir()) / "progrpo_quick_results.json"
 
 
-def results_path(profile: str) -> Path:
-    return RESULTS if profile == "full" else _QUICK
+def results_path(committed: bool) -> Path:
+    return RESULTS if committed else _QUICK
 
 
-def record(notebook: str, values: dict, profile: str) -> Path:
-    """Store ``values`` (JSON-able) as the results of ``notebook`` for this profile; returns the file."""
-    path = results_path(profile)
+def record(notebook: str, values: dict, committed: bool) -> Path:
+    """Store ``values`` (JSON-able) as the results of ``notebook``: in ``figures/results.json`` when ``make
+    reproduce`` rebuilds the committed results, else in a temporary file; returns the file."""
+    path = results_path(committed)
     data = json.loads(path.read_text()) if path.exists() else {}
     data[notebook] = json.loads(json.dumps(values))  # fails early on anything JSON cannot hold
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,8 +59,61 @@ def _pm(d: dict) -> str:
     return f"{d['mean']:+.2f} +- {d['std']:.2f}"
 
 
+def render_verdict(r: dict) -> str:
+    """The README's bottom line, from notebooks 04, 05 and 07."""
+    four, five, seven = r["04"], r["05"], r["07"]
+    d, fid, nfe5 = four["diff"], four["fidelity"], five["nfe_per_prompt"]
+    settings = [k.split(":")[0] for k in seven["verdict"] if k.endswith("OVF 12 of 48 vs Flow-GRPO 24")]
+    head = "a=0.7" if "a=0.7" in settings else settings[0]  # Flow-GRPO's noise level, the headline setting
+    late = seven["verdict"][f"{head}: late (6,8) vs paper (5,7)"]
+    select = seven["verdict"][f"{head}: OVF 12 of 48 vs Flow-GRPO 24"]
+    return "\n".join([
+        f"- **Per update, Pro-GRPO trains worse than Flow-GRPO on our flow model:** Standard {_pm(d['standard'])}, "
+        f"Flash {_pm(d['flash'])} in the evaluation margin ({d['standard']['n']} paired seeds, {four['updates']} updates), "
+        f"in and out of domain. On our diffusion model it ties plain GRPO "
+        f"({_pm(five['diff']['standard_sd14 vs dance_grpo'])}, within noise) at "
+        f"{nfe5['standard_sd14'] / nfe5['dance_grpo']:.1f}x the network calls. Standard samples 1.35x Flow-GRPO's calls "
+        f"and trains on half the trajectories; per second the arms' costs depend on the machine (docs/results.md).",
+        f"- **Why:** once training narrows the groups, the previews at the paper's prune points stop ranking them: the "
+        f"within-group Spearman correlation of preview and final reward at call 5 falls from {fid['pretrained']['5']:.2f} "
+        f"on the pretrained model to {fid['trained']['5']:.2f} after training, so the first prune keeps survivors "
+        f"almost at random.",
+        f"- **What works:** later prune points train better ((6, 8) over the paper's (5, 7): {_pm(late)} at {head}), and "
+        f"the best use of an expanded group is not to prune it: finish all 48 and keep 12 by OVF on the final rewards "
+        f"({_pm(select)} over Flow-GRPO, at twice its network calls).",
+        "- **Unknown:** whether a real text-to-image policy keeps its previews faithful at mid-sampling. Our models are "
+        "8x8 digits; measure the fidelity on yours before trusting the paper's schedule (the recipe below)."])
+
+
+NOTEBOOKS_TAUGHT = {
+    "00": ("Pro-GRPO from scratch", "GRPO over the denoising chain, the SDE policy, advantages, the clipped "
+           "objective, OVF, Expand-and-Prune on one worked group; `minimal.py` checked equal to the package"),
+    "01": ("The flow model and its rewards", "the toy model, ODE and SDE samples, rewards, the on-policy check, "
+           "reward hacking and the KL"),
+    "02": ("Reward clustering", "the paper's Observation 1 (Fig. 1 and 2) measured"),
+    "03": ("Optimal Variance Filtering", "Observation 2: OVF 12 of 24 against the full group, k, simpler rules"),
+    "04": ("Pro-GRPO against Flow-GRPO", "the main comparison per update, NFE and second; proxy fidelity; "
+           "selection bias; the paper's Tables 5 and 6"),
+    "05": ("Diffusion, and CPS", "the SD-v1.4-shaped arms on a diffusion UNet; Flow-GRPO's CPS sampler"),
+    "06": ("Real pipelines", "the same `train()` on diffusers' SD3 and Stable Diffusion pipelines with LoRA"),
+    "07": ("When to prune", "fidelity by step, sampler and noise level; why it falls; five schedules in two "
+           "settings, an adaptive one among them"),
+}
+
+
+def render_path(r: dict) -> str:
+    """The learning path: each notebook, what it teaches, and what it cost to compute from nothing."""
+    lines = ["| notebook | what it teaches | computed from nothing (2 cores) |", "|---|---|---|"]
+    for key, (title, what) in NOTEBOOKS_TAUGHT.items():
+        name = next((p.name for p in sorted((REPO / "notebooks").glob(f"{key}_*.ipynb"))), key)
+        secs = r.get(key, {}).get("seconds")
+        cost = f"{secs / 60:.0f} min" if secs and secs >= 90 else (f"{secs:.0f} s" if secs else "n/a")
+        lines.append(f"| [{key} · {title}](notebooks/{name}) | {what} | {cost} |")
+    return "\n".join(lines)
+
+
 def render_model(r: dict) -> str:
-    z = r["00"]
+    z = r["01"]
     c = z["classifiers"]
     return "\n".join([
         f"- {z['parameters']:,} parameters: a learned prompt encoder (a 4-token \"text\" sequence and a pooled vector per digit)",
@@ -76,7 +135,7 @@ REWARD_NOTES = {
 
 
 def render_rewards(r: dict) -> str:
-    z = r["00"]
+    z = r["01"]
     lines = ["| reward | mean | within-group std | \\|A\\| <= 0.25 | \\|A\\| <= 0.5 | real digit / blank / noise |",
              "|---|---|---|---|---|---|"]
     for row in z["rewards"]:
@@ -89,8 +148,8 @@ def render_rewards(r: dict) -> str:
 
 
 def render_findings(r: dict) -> str:
-    one, two, three = r["01"], r["02"], r["03"]
-    times = ", ".join(f"{k} {r[k]['seconds']:.0f} s" for k in ("00", "01", "02", "03"))
+    one, two, three = r["02"], r["03"], r["04"]
+    times = ", ".join(f"{k} {r[k]['seconds']:.0f} s" for k in ("01", "02", "03", "04"))
     f2, f3 = two["final"], three["final"]
     d2, d3 = two["diff"], three["diff"]
     c05, gauss = one["cluster"]["full group (24)"]["0.5"], one["gaussian"]["0.5"]
@@ -116,7 +175,7 @@ def render_findings(r: dict) -> str:
          f"equal seconds: Standard {_pm(three['equal_seconds']['standard'])}, Flash {_pm(three['equal_seconds']['flash'])}",
          "; ".join(f"{arm.capitalize()}: {verdict(three['equal_nfe'][arm], 1)} (NFE), "
                    f"{verdict(three['equal_seconds'][arm], 1)} (seconds)" for arm in ("standard", "flash"))),
-        ("later checkpoints prune better (Table 6)",
+        ("later prune points prune better (Table 6)",
          f"(6, 8): {f3['prune at 6,8']['mean']:.2f} vs (2, 4): {f3['prune at 2,4']['mean']:.2f}, diff "
          f"{_pm(d3['late vs early'])} ({d3['late vs early']['n']} seeds)", verdict(d3["late vs early"], 1)),
         ("larger start size helps, diminishing (Table 5)",
@@ -128,15 +187,15 @@ def render_findings(r: dict) -> str:
              "| paper's claim | ours (selection-independent eval: margin of fixed-seed ODE samples) | verdict |",
              "|---|---|---|", *[f"| {a} | {b} | {c} |" for a, b, c in rows], "",
              "Proxy fidelity, the within-group Spearman correlation between the preview's reward and the final reward "
-             f"(`figures/03_proxy_fidelity.png`): at calls 5 and 7, {fid['pretrained']['5']:.2f} and {fid['pretrained']['7']:.2f} "
+             f"(`figures/04_proxy_fidelity.png`): at calls 5 and 7, {fid['pretrained']['5']:.2f} and {fid['pretrained']['7']:.2f} "
              f"on the pretrained model, {fid['trained']['5']:.2f} and {fid['trained']['7']:.2f} on a policy trained for "
              f"{three['updates']} updates with Standard."]
     return "\n".join(lines)
 
 
 def render_diffusion(r: dict) -> str:
-    """Notebook 04: the diffusion model, Pro-GRPO on it, and the flow model under SDE and CPS."""
-    f = r["04"]
+    """Notebook 05: the diffusion model, Pro-GRPO on it, and the flow model under SDE and CPS."""
+    f = r["05"]
     m, fin, d = f["diffusion_model"], f["final"], f["diff"]
     nfe, fid = f["nfe_per_prompt"], f["fidelity"]
     dd, df = fid["diffusion"], fid["flow"]
@@ -167,15 +226,15 @@ def render_diffusion(r: dict) -> str:
         f"on a linear schedule of 1000 steps, {DIFFUSION_PRETRAIN.steps} AdamW steps in {float(m['pretrain_seconds']):.0f} s on 2 cores; "
         f"20-step DDIM (eta = 0) samples are classified as the requested digit in {float(m['sample_accuracy']):.1%} "
         "of 1000 (the bar is 95%).",
-        f"- Notebook 04 ran in {f['seconds']:.0f} s (full profile).", "",
+        f"- Notebook 05 ran in {f['seconds']:.0f} s (full profile).", "",
         "| claim | ours (margin of fixed-seed deterministic samples) | verdict |", "|---|---|---|",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows], "",
         f"Proxy fidelity on the diffusion model (Spearman of preview and final reward within groups; "
-        f"`figures/04_diffusion_proxy_fidelity.png`): at the prune calls 12 and 16, {dd['pretrained']['12']:.2f} and "
+        f"`figures/05_diffusion_proxy_fidelity.png`): at the prune calls 12 and 16, {dd['pretrained']['12']:.2f} and "
         f"{dd['pretrained']['16']:.2f} on the pretrained model, {dd['trained']['12']:.2f} and {dd['trained']['16']:.2f} "
         f"on the policy trained with Pro-GRPO. Flow model at calls 5 and 7, SDE: {sde_p['5']:.2f} / {sde_p['7']:.2f} "
         f"pretrained, {sde_t['5']:.2f} / {sde_t['7']:.2f} trained; CPS: {cps_p['5']:.2f} / {cps_p['7']:.2f} pretrained, "
-        f"{cps_t['5']:.2f} / {cps_t['7']:.2f} trained (`figures/04_sde_vs_cps.png`). Clip fractions (clip 1e-3): "
+        f"{cps_t['5']:.2f} / {cps_t['7']:.2f} trained (`figures/05_sde_vs_cps.png`). Clip fractions (clip 1e-3): "
         + ", ".join(f"{k} {v:.3f}" for k, v in f["clip_frac"].items()) + "."])
 
 
@@ -232,8 +291,8 @@ def render_gpu(gpu: list[dict] | None) -> str:
 
 
 def render_when(r: dict) -> str:
-    """Notebook 06: proxy fidelity by call, why it falls, and the schedules compared in two settings."""
-    w = r["06"]
+    """Notebook 07: proxy fidelity by call, why it falls, and the schedules compared in two settings."""
+    w = r["07"]
     crit, second = w["criterion"], w["second_setting"]
     settings = [s for s in w["arms"] if s != second] + [second]  # the headline first (the file's keys are sorted)
     first = lambda keys, preferred: [k for k in preferred if k in keys] + sorted(k for k in keys if k not in preferred)
@@ -279,7 +338,7 @@ def render_when(r: dict) -> str:
         for lab in labels]
     seeds = ", ".join(f"{s}: {len(w['seeds'][s])} seeds" for s in settings)
     return "\n".join([
-        f"Notebook 06 ran in {w['seconds']:.0f} s (full profile). The second setting, fixed before the comparison ran: **{second}**. The screen trained one Flow-GRPO run "
+        f"Notebook 07 ran in {w['seconds']:.0f} s (full profile). The second setting, fixed before the comparison ran: **{second}**. The screen trained one Flow-GRPO run "
         f"(seed 0, {w['updates']} updates) per SDE noise level. The criterion: rho >= {crit['min_trained_fidelity']} at "
         f"call {crit['call']} on the trained policy, and held-out accuracy >= {crit['min_heldout_accuracy']}.", "",
         "| noise level | rho at calls 5 / 7, pretrained | trained | held-out accuracy, trained | eval margin, trained | meets |",
@@ -287,16 +346,16 @@ def render_when(r: dict) -> str:
         "Proxy fidelity (within-group Spearman of preview and final reward, 40 groups of 24) at 30 / 50 / 70 / 90% of "
         "the steps (flow calls 3 / 5 / 7 / 9, DDIM calls 6 / 10 / 14 / 18 of 20), the OVF overlap at the middle call "
         "against its chance level, the groups' final-reward std, and the held-out accuracy of the final samples "
-        "(`figures/06_fidelity_by_step_and_sigma.png`):", "",
+        "(`figures/07_fidelity_by_step_and_sigma.png`):", "",
         "| setting | policy | rho at 30 / 50 / 70 / 90% | overlap at 50% (chance) | group std | held-out accuracy |",
         "|---|---|---|---|---|---|", *fidelity, "",
         "Why fidelity falls (rho_g = b_0 + b_1 log s_g + b_2 trained_g over pretrained and Flow-GRPO-trained groups; "
-        "`figures/06_fidelity_vs_spread.png`):", "", *[f"- {x}" for x in spread], "",
-        f"Final evaluation margin, mean +- std over seeds ({seeds}, {w['updates']} updates; `figures/06_arms.png`):", "",
+        "`figures/07_fidelity_vs_spread.png`):", "", *[f"- {x}" for x in spread], "",
+        f"Final evaluation margin, mean +- std over seeds ({seeds}, {w['updates']} updates; `figures/07_arms.png`):", "",
         "| arm | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings), *arm_rows, "",
         "Paired differences in the final margin (mean +- std over seeds, se); 'helps' or 'hurts' needs |mean| > 2 se:", "",
         "| comparison | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings), *verdicts, "",
-        "The same differences against the paper's checkpoints at equal seconds (each run's own sampling, optimisation "
+        "The same differences against the paper's prune points at equal seconds (each run's own sampling, optimisation "
         "and audit seconds, two runs sharing 2 cores; noisy), with each arm's seconds per update relative to the paper's:", "",
         *equal, "",
         "The adaptive schedule's audits (4 prompts x G_0 = 48, every 10 updates) were "
@@ -304,36 +363,49 @@ def render_when(r: dict) -> str:
 
 
 def sections(results: dict, bench: list[dict], gpu: list[dict] | None = None) -> dict:
-    return {"model": render_model(results), "rewards": render_rewards(results),
-            "findings": render_findings(results), "diffusion": render_diffusion(results), "when": render_when(results),
-            "bench": render_bench(bench), "gpu": render_gpu(gpu)}
+    return {"verdict": render_verdict(results), "path": render_path(results), "model": render_model(results),
+            "rewards": render_rewards(results), "findings": render_findings(results),
+            "diffusion": render_diffusion(results), "when": render_when(results), "bench": render_bench(bench),
+            "gpu": render_gpu(gpu)}
 
 
-def regenerate(readme: str, secs: dict) -> str:
-    """The README text with every generated section replaced; each marker pair must exist once."""
+def regenerate(text: str, secs: dict) -> str:
+    """The text with every generated section of ``secs`` replaced; each marker pair must exist once."""
     for name, body in secs.items():
         pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(<!-- /results:{name} -->)", re.S)
-        if len(pattern.findall(readme)) != 1:
-            raise ValueError(f"README needs exactly one <!-- results:{name} --> ... <!-- /results:{name} --> pair")
-        readme = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), readme)
-    return readme
+        if len(pattern.findall(text)) != 1:
+            raise ValueError(f"the page needs exactly one <!-- results:{name} --> ... <!-- /results:{name} --> pair")
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+def regenerated_pages(secs: dict) -> dict:
+    """``{page: (current text, regenerated text)}`` for every page with generated sections."""
+    out = {}
+    for page, names in PAGES.items():
+        text = page.read_text()
+        out[page] = (text, regenerate(text, {n: secs[n] for n in names}))
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--check", action="store_true", help="exit 1 if the README's sections differ from the results")
+    ap.add_argument("--check", action="store_true", help="exit 1 if a generated section differs from the results")
     args = ap.parse_args(argv)
-    text = README.read_text()
     gpu = json.loads(GPU.read_text()) if GPU.exists() else None
-    new = regenerate(text, sections(json.loads(RESULTS.read_text()), json.loads(BENCH.read_text()), gpu))
+    secs = sections(json.loads(RESULTS.read_text()), json.loads(BENCH.read_text()), gpu)
+    pages = regenerated_pages(secs)
+    stale = [page.relative_to(REPO) for page, (old, new) in pages.items() if old != new]
     if args.check:
-        if new != text:
-            print("README.md's result sections differ from figures/results.json; run python -m progrpo_ref.study.results")
+        if stale:
+            print(f"{', '.join(map(str, stale))}: the generated sections differ from figures/results.json; "
+                  "run python -m progrpo_ref.study.results")
             return 1
-        print("README.md's result sections match the results files")
+        print("the generated sections match the results files")
         return 0
-    README.write_text(new)
-    print(f"rewrote the result sections of {README}")
+    for page, (_, new) in pages.items():
+        page.write_text(new)
+    print(f"rewrote the generated sections of {', '.join(str(p.relative_to(REPO)) for p in PAGES)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-r"""When previews can be trusted: fidelity by call and by noise level, why it falls, and the arms of notebook 06.
+r"""When previews can be trusted: fidelity by call and by noise level, why it falls, and the arms of notebook 07.
 
 Fidelity at call c is the within-group Spearman rho_c between the preview reward (the reward of x0_hat
 from the c-th network call) and the final reward (``beyond_paper/fidelity.py``). To compare samplers, every call is
@@ -10,7 +10,7 @@ placed at the noise level of the state x_{c-1} the network sees there, as a flow
 (the second divides x_t by sqrt(abar) + sqrt(1 - abar), which gives the flow's form with the same
 signal-to-noise ratio).
 
-**Why fidelity falls** (the hypothesis of notebook 03: training narrows the groups until late detail
+**Why fidelity falls** (the hypothesis of notebook 04: training narrows the groups until late detail
 decides the ranking). Per group g: rho_g at a call and the std s_g of its final rewards. Pool the groups
 of a pretrained and a trained policy and fit by least squares
 
@@ -19,7 +19,7 @@ of a pretrained and a trained policy and fit by least squares
 If narrowing explains the fall, b_1 > 0 and b_2, the fall left once the spread is accounted for, is near 0.
 
 **The second setting.** ``SCREEN`` lists the candidate settings: the SDE's noise level a, the one knob
-that sets how much randomness enters after a checkpoint (the reward stays the classifier margin, which
+that sets how much randomness enters after a prune point (the reward stays the classifier margin, which
 blank or noise images cannot game). Each is screened on the pretrained model and on a Flow-GRPO policy
 trained in it (``screen_configs``); the criterion and the choice, ``SECOND_SETTING``, were fixed from that
 screen before any arm of the comparison ran.
@@ -34,7 +34,7 @@ import torch
 from ..algorithm.grpo import group_std
 from ..algorithm.noise import TrajectoryNoise
 from ..algorithm.pro_grpo import PruneSchedule
-from ..algorithm.samplers import DDIM, FlowCPS, FlowSDE, Sampler
+from ..algorithm.samplers import DDIM, FlowCPS, FlowSDE, Sampler, sampler_to_dict
 from ..beyond_paper.fidelity import ovf_overlap, record_previews, spearman
 from ..machinery.config import TrainConfig, arm_config
 
@@ -42,14 +42,14 @@ SCREEN = {"a=0.7": FlowSDE(10), "a=0.5": FlowSDE(10, noise_level=0.5), "a=0.3": 
 """candidate settings (name -> the flow sampler of rollouts and previews); a = 0.7 is Flow-GRPO's, the headline"""
 SECOND_SETTING = "a=0.3"
 """the second setting, chosen from the screen before the comparison ran (``CRITERION``; of the candidates that pass,
-the one with the highest trained fidelity at call 7). ``run_screen(DigitsTask(), 60, arange(10) x 4 groups of 24)``
+the one with the highest trained fidelity at call 7). ``run_screen(study, DigitsTask(), 60, arange(10) x 4 groups of 24)``
 measured, pretrained -> Flow-GRPO-trained (seed 0, 60 updates), mean rho at calls 5 / 7:
 a = 0.7: 0.60 / 0.79 -> 0.27 / 0.62 (fails); a = 0.5: 0.70 / 0.86 -> 0.36 / 0.72; a = 0.3: 0.76 / 0.91 -> 0.54 / 0.82;
 held-out accuracy of the trained policies' SDE samples 1.00 in all three. The price: a = 0.3 explores less, and its
 Flow-GRPO run reached an evaluation margin of 14.7 against 17.0 at a = 0.7."""
 CRITERION = {"call": 7, "min_trained_fidelity": 0.7, "min_heldout_accuracy": 0.9}
 LATE = PruneSchedule((48, 24, 12), (6, 8), 10)
-"""Standard's funnel pruned later: notebook 03's best fixed checkpoints"""
+"""Standard's funnel pruned later: notebook 04's best fixed prune points"""
 
 
 def noise_level(sampler: Sampler, c: int) -> float:
@@ -124,7 +124,7 @@ def screen_configs(num_updates: int, seed: int = 0, **overrides) -> dict[str, Tr
 
 
 def comparison_arms(sampler: Sampler, audit_every: int = 10, **overrides) -> dict[str, TrainConfig]:
-    """The arms of notebook 06 in one setting: the paper's checkpoints (5, 7), later fixed ones (6, 8), the
+    """The arms of notebook 07 in one setting: the paper's prune points (5, 7), later fixed ones (6, 8), the
     adaptive schedule (audited every ``audit_every`` updates, starting at (5, 7)), static OVF 12 of 48 ("expand,
     then select on final rewards") and Flow-GRPO 24. ``overrides`` go to every arm."""
     return {"paper (5,7)": arm_config("standard", arm="paper (5,7)", sampler=sampler, **overrides),
@@ -135,7 +135,7 @@ def comparison_arms(sampler: Sampler, audit_every: int = 10, **overrides) -> dic
 
 
 def placements(history: dict) -> list[tuple[int, list]]:
-    """``[(update, calls)]`` each time an adaptive run's checkpoints changed (calls: per checkpoint, or None if
+    """``[(update, calls)]`` each time an adaptive run's prune points changed (calls: per prune point, or None if
     dropped), starting with the first placement."""
     out, last = [], object()
     for r in history["updates"]:
@@ -158,29 +158,29 @@ def audit_share(history: dict) -> dict:
             "seconds": audit_s / (secs + audit_s) if secs + audit_s else math.nan}
 
 
-def run_screen(task, num_updates: int, prompts: torch.Tensor, group_size: int = 24, seed: int = 0,
-               workers: int | None = None, **overrides) -> dict:
-    """Screen every candidate of ``SCREEN``: train ``screen_configs`` (in parallel), then measure on the
-    pretrained and on the trained policy ``fidelity_by_call`` (one group per prompt ``[P]``) and the held-out
-    accuracy of the final samples; the OVF overlap is taken at k = min(12, G / 2). Returns {name: {"pretrained": ...,
-    "trained": ..., "accuracy": {"pretrained", "trained"}, "history": ...}}; ``passes(result)`` applies ``CRITERION``."""
-    import tempfile
-    from pathlib import Path
+def run_screen(study, task, num_updates: int, prompts: torch.Tensor, group_size: int = 24, seed: int = 0,
+               **overrides) -> dict:
+    """Screen every candidate of ``SCREEN``: train ``screen_configs`` (``study.runs``: stored runs are read), then
+    measure on the pretrained and on the trained policy ``fidelity_by_call`` (one group per prompt ``[P]``) and the
+    held-out accuracy of the final samples; the OVF overlap is taken at k = min(12, G / 2). Returns {name:
+    {"pretrained": ..., "trained": ..., "accuracy": {"pretrained", "trained"}, "history": ...}}; ``passes(result)``
+    applies ``CRITERION``."""
+    configs = screen_configs(num_updates, seed, **overrides)
+    histories = study.runs(configs, task, desc="screen")
+    k = min(12, group_size // 2)
 
-    from .experiments import run_many, trained_policy
+    def measure(sampler):
+        return lambda policy: fidelity_by_call(policy, sampler, task.reward, prompts, group_size, k=k, seed=seed,
+                                               accuracy_fn=heldout_accuracy, latent_shape=task.latent_shape)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        configs = {name: replace(c, checkpoint_path=str(Path(tmp) / f"{i}.pt"))
-                   for i, (name, c) in enumerate(screen_configs(num_updates, seed, **overrides).items())}
-        histories = run_many(configs, task, workers=workers, desc="screen")
-        policies = {name: trained_policy(task, c.checkpoint_path) for name, c in configs.items()}
-    pretrained = task.policy()
+    inputs = {"prompts": prompts.tolist(), "group": group_size, "k": k, "seed": seed}
     out = {}
     for name, c in configs.items():
-        row = {"history": histories[name], "accuracy": {}}
-        for which, model in (("pretrained", pretrained), ("trained", policies[name])):
-            row[which] = fidelity_by_call(model, c.sampler, task.reward, prompts, group_size, k=min(12, group_size // 2), seed=seed,
-                                          accuracy_fn=heldout_accuracy, latent_shape=task.latent_shape)
+        row = {"history": histories[name], "accuracy": {},
+               "pretrained": study.measure("fidelity by call, pretrained", {**inputs, "sampler": sampler_to_dict(c.sampler)},
+                                           lambda c=c: measure(c.sampler)(task.policy())),
+               "trained": study.on_trained("fidelity by call", c, task, inputs, measure(c.sampler))}
+        for which in ("pretrained", "trained"):
             row["accuracy"][which] = row[which].pop("accuracy")
         out[name] = row
     return out
