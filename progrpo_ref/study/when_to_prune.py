@@ -27,7 +27,6 @@ screen before any arm of the comparison ran.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import torch
 
