@@ -54,6 +54,7 @@ def main():
                      selection=args.selection, select_k=2, progress=False)
     task = DigitsTask(eval_per_class=1, eval_group=2)
     model = task.policy()
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     reference = task.reference(model)
     grads = []  # the summed gradient of each mini-batch, as the optimizer sees it
 
@@ -74,7 +75,7 @@ def main():
         order = (keys[:, 0] * 1000 + keys[:, 1]).argsort()
         torch.save({"keys": keys[order], "latents": latents[order], "advantages": A, "rewards": R,
                     "keep": [p["keep"] for p in ro.previews], "stats": stats, "held": held, "grads": grads,
-                    "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}, args.out)
+                    "start": start, "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}, args.out)
     if processes.active:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """Stored results (study/cache.py, study/experiments.py): exact round trips, keys that answer one question, the
-three modes, and the committed runs of every notebook re-run for a sample and found the same, bit for bit."""
+three modes, and the committed runs of every notebook re-run for a sample and found the same (bit for bit on the
+machine that stored them; within the last bits another CPU model moves, tests/tolerance.py)."""
 import gzip
 import json
 import math
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from progrpo_ref.study.cache import RUNS, Results, decode, encode, key_of
+from tolerance import mismatches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,7 +95,8 @@ def committed_entries():
 @pytest.mark.parametrize("name, key, entry", committed_entries())
 def test_a_committed_run_comes_out_the_same(name, key, entry):
     """Re-run the first two updates of a stored run from its stored inputs: the same rewards, losses, NFE and the same
-    first evaluation, bit for bit (timings aside), and the stored key is the hash of the stored inputs."""
+    first evaluation (timings aside; bit for bit on the machine that stored them, within ``tolerance.close`` on another
+    CPU model), and the stored key is the hash of the stored inputs."""
     from progrpo_ref import TrainConfig, train
     from progrpo_ref.digits import DigitsTask
     from progrpo_ref.machinery.run import strip_timings
@@ -108,8 +111,12 @@ def test_a_committed_run_comes_out_the_same(name, key, entry):
     finally:
         torch.set_num_threads(2)
     want = strip_timings(stored)
-    assert again["updates"] == want["updates"][:2]
-    assert again["evals"][0] == want["evals"][0]
+    # A JPEG size is a step function of the pixels: once the parameters differ in their last bits (on another CPU model,
+    # after one Adam step), a sample can cross a step, and the second update's rewards move by whole bytes. Runs on it
+    # are compared over the update made with the committed checkpoint's parameters.
+    n = 1 if entry["inputs"]["task"]["reward_name"].startswith("jpeg") else 2
+    assert not mismatches(again["updates"][:n], want["updates"][:n])
+    assert not mismatches(again["evals"][:1], want["evals"][:1])
 
 
 def test_every_study_notebook_has_its_committed_runs():

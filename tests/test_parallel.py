@@ -62,7 +62,11 @@ def assert_same_update(one, two):
     assert (one["advantages"] - two["advantages"]).abs().max() <= 1e-5
     for g1, g2 in zip(one["grads"], two["grads"], strict=True):
         assert (g1 - g2).abs().max() <= 1e-6 and (g1 - g2).norm() <= 1e-5 * g1.norm()
-    assert max((one["weights"][k] - two["weights"][k]).abs().max() for k in one["weights"]) <= 1e-5
+    # The updates themselves: Adam divides each element's gradient by its own magnitude, so an element whose gradient
+    # is within the last bits of zero may step differently by up to lr (seen: 1.2e-5 at lr 1e-4 on an AMD EPYC, where
+    # the gradients above agreed to 1e-6); what must agree is the update as a whole.
+    moved = [torch.cat([(r["weights"][k] - r["start"][k]).flatten() for k in r["start"]]) for r in (one, two)]
+    assert (moved[0] - moved[1]).norm() <= 1e-3 * moved[0].norm()
     for r in (one, two):  # the first mini-batch is on-policy however the batch is split
         assert r["stats"]["ratio_dev_first"] <= 1e-5
 

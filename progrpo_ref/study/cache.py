@@ -12,8 +12,9 @@ value answers exactly one question. What a notebook stored lives in one committe
     off      (nbval's quick profile) everything is computed; nothing is read or stored.
 
 Timings are stored with the runs they belong to, so a notebook read back shows the seconds of the machine that
-ran ``make reproduce``; the prose never types them (``tests/test_results.py``). ``tests/test_results.py`` also
-re-runs a sample of the stored training runs and checks that they come out the same, bit for bit.
+ran ``make reproduce``; the prose never types them (``tests/test_results.py``). ``tests/test_cache.py``
+re-runs a sample of the stored training runs and checks that they come out the same (bit for bit on the machine that
+stored them, within the last bits on another CPU model).
 
 Values are JSON with tensors encoded exactly (float32 and float64 round-trip through JSON's shortest repr).
 """
