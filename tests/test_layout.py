@@ -4,7 +4,7 @@ Three layers make the method: ``algorithm/`` (the paper's algorithm), ``machiner
 safe) and ``beyond_paper/`` (what the paper does not have); ``minimal.py`` is the algorithm in one file. The
 algorithm imports neither of the others, ``beyond_paper`` imports only the algorithm, the machinery imports both.
 The method may import the standard library, torch, tqdm and safetensors (the algorithm torch alone). Beside it sit
-``digits/`` (the digits task), ``adapters/`` (real models) and ``study/`` (analysis, plots, experiments, bench);
+``digits/`` (the digits task), ``scenes/`` (the scenes testbed, in progress), ``adapters/`` (real models) and ``study/`` (analysis, plots, experiments, bench);
 they import the method, the method never imports them, and nothing imports the study. A built wheel carries every
 module and checkpoint.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "progrpo_ref"
 LAYERS = ("algorithm", "machinery", "beyond_paper")
-BESIDE = ("digits", "adapters", "study")
+BESIDE = ("digits", "scenes", "adapters", "study")
 # what each part of the method may import: third-party roots, and the package's own parts ("." is the package's
 # top-level modules other than __main__)
 MAY_IMPORT = {
@@ -125,7 +125,8 @@ def test_the_checker_tells_the_layers_apart(tmp_path):
 
 
 def test_nothing_imports_the_study():
-    files = [*method_modules(), PKG / "__main__.py", *(PKG / "digits").rglob("*.py"), *(PKG / "adapters").rglob("*.py")]
+    around = [p for folder in ("digits", "scenes", "adapters") for p in (PKG / folder).rglob("*.py")]
+    files = [*method_modules(), PKG / "__main__.py", *around]
     bad = {module_name(f): [n for n in imports(f) if n.startswith("progrpo_ref.study")] for f in files}
     assert not {k: v for k, v in bad.items() if v}
 
