@@ -174,3 +174,23 @@ def test_components_match_scipys_labelling():
         # the same partition: a one-to-one map between the two sets of ids
         pairs = set(zip(ids[b].flatten().tolist(), want.flatten().tolist()))
         assert len(pairs) == len({a for a, _ in pairs}) == len({w for _, w in pairs})
+
+
+def test_at_24_pixels_the_checker_reads_blurred_and_noisy_scenes():
+    """Generated images are soft and noisy: at 24 pixels (the model's size) a 3x3 binomial blur or noise of std 0.2
+    leaves every scene read correctly; at 16 pixels the blur breaks most shapes (the reason the model is 24 x 24)."""
+    from torch.nn import functional as F
+
+    g = torch.Generator().manual_seed(3)
+    kernel = (torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]) / 16).expand(3, 1, 3, 3)
+    for size, floor in ((24, 0.99), (16, 0.0)):
+        ids = torch.randint(len(PROMPTS), (300,), generator=g)
+        images = torch.stack([render(SPECS[i], g, size)[0] for i in ids.tolist()])
+        blurred = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+        ok_blur = geneval_scores(blurred, ids)[1].float().mean()
+        ok_noise = geneval_scores((images + 0.2 * torch.randn(images.shape, generator=g)).clamp(-1, 1), ids)[1].float().mean()
+        assert ok_noise >= 0.99
+        if size == 24:
+            assert ok_blur >= floor
+        else:
+            assert ok_blur < 0.7

@@ -95,14 +95,23 @@ def pretrain_diffusion(config: PretrainConfig = DIFFUSION_PRETRAIN, device="cpu"
 def _pretrain(model, loss_fn, config: PretrainConfig, device, progress, desc):
     g = torch.Generator().manual_seed(config.seed)
     x, y = load_split("train")
-    model = model.to(device)
+
+    def batch_loss(m):
+        idx = torch.randint(len(y), (config.batch_size,), generator=g)
+        return loss_fn(m, x[idx].to(device), y[idx].to(device), g)
+
+    return fit(model.to(device), batch_loss, config, progress, desc)
+
+
+def fit(model, batch_loss, config: PretrainConfig, progress: bool = True, desc: str = "pretraining"):
+    """``config.steps`` AdamW steps on ``batch_loss(model)`` (one-cycle learning rate), keeping an EMA of the weights,
+    warmed up as min(decay, (1 + n) / (10 + n)); returns (EMA model in eval mode, loss per step)."""
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps, pct_start=0.05)
     losses = []
     for n in tqdm(range(config.steps), desc=desc, disable=not progress):
-        idx = torch.randint(len(y), (config.batch_size,), generator=g)
-        loss = loss_fn(model, x[idx].to(device), y[idx].to(device), g)
+        loss = batch_loss(model)
         opt.zero_grad()
         loss.backward()
         opt.step()

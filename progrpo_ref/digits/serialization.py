@@ -20,14 +20,15 @@ def save_module(module: torch.nn.Module, path: str | Path, extra: dict | None = 
     save_file(state, str(path), metadata=meta)
 
 
-def load_module(cls, config_cls, path: str | Path, device: str | torch.device = "cpu"):
-    """Build ``cls(config_cls(**saved config))`` and load its weights; clear errors if unusable."""
+def load_module(cls, config_cls, path: str | Path, device: str | torch.device = "cpu", regenerate: str = REGENERATE_CMD):
+    """Build ``cls(config_cls(**saved config))`` and load its weights; clear errors (naming the ``regenerate`` command)
+    if unusable."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} is missing; regenerate it with `{REGENERATE_CMD}`")
+        raise FileNotFoundError(f"checkpoint {path} is missing; regenerate it with `{regenerate}`")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -37,7 +38,7 @@ def load_module(cls, config_cls, path: str | Path, device: str | torch.device = 
     except Exception as e:  # corrupted file, wrong architecture, missing metadata
         raise RuntimeError(
             f"checkpoint {path} could not be loaded ({type(e).__name__}: {e}); "
-            f"regenerate it with `{REGENERATE_CMD}`"
+            f"regenerate it with `{regenerate}`"
         ) from e
     return module.to(device).eval()
 

@@ -75,39 +75,42 @@ def components(labels: torch.Tensor) -> torch.Tensor:
         ids = best
 
 
-def shape_of(mask: torch.Tensor) -> str:
-    """The shape of one component, from its mask cropped to its bounding box."""
-    h, w = mask.shape
-    area = mask.sum().item()
-    top, bottom = mask[: h // 2].sum().item(), mask[(h + 1) // 2:].sum().item()
-    if (bottom - top) / area > TRIANGLE_ASYMMETRY:
-        return "triangle"
-    return "square" if area / (h * w) >= SQUARE_FILL else "circle"
+def shape_from(area: torch.Tensor, h: torch.Tensor, w: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor) -> list[str]:
+    """Shapes of components from their areas, box sizes and the areas of their boxes' upper and lower halves."""
+    triangle = (bottom - top) / area > TRIANGLE_ASYMMETRY
+    square = area / (h * w) >= SQUARE_FILL
+    return ["triangle" if t else "square" if q else "circle" for t, q in zip(triangle.tolist(), square.tolist())]
 
 
 def detect(images: torch.Tensor) -> list[list[Found]]:
-    """The objects in each image, largest first."""
+    """The objects in each image, largest first. Each component's area, box and half-box areas are reduced over its
+    pixels in one pass for the whole batch."""
     check_images(images)
     images = images.detach().float().cpu()
+    B, _, S, _ = images.shape
     labels = colour_labels(images)
-    ids = components(labels)
-    min_area = MIN_AREA * object_size(images.shape[-1]) ** 2
-    out = []
-    for b in range(len(images)):
-        found = []
-        for i in ids[b].unique().tolist():
-            if i == 0:
-                continue
-            mask = ids[b] == i
-            area = int(mask.sum())
-            if area < min_area:
-                continue
-            ys, xs = mask.nonzero(as_tuple=True)
-            y0, y1, x0, x1 = ys.min().item(), ys.max().item() + 1, xs.min().item(), xs.max().item() + 1
-            colour = COLORS[labels[b][mask][0].item() - 1]
-            found.append(Found(shape_of(mask[y0:y1, x0:x1]), colour, (x0, y0, x1, y1), area))
-        out.append(sorted(found, key=lambda f: -f.area))
-    return out
+    ids = components(labels)  # 1..S*S within an image, 0 for background
+    flat = (ids + torch.arange(B).view(B, 1, 1) * (S * S + 1)).flatten()  # unique across the batch
+    n = B * (S * S + 1)
+    y, x = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    y, x = y.expand(B, S, S).flatten(), x.expand(B, S, S).flatten()
+    area = torch.bincount(flat, minlength=n)
+    x0 = torch.full((n,), S).scatter_reduce(0, flat, x, "amin")
+    y0 = torch.full((n,), S).scatter_reduce(0, flat, y, "amin")
+    x1 = torch.zeros(n, dtype=torch.long).scatter_reduce(0, flat, x + 1, "amax")
+    y1 = torch.zeros(n, dtype=torch.long).scatter_reduce(0, flat, y + 1, "amax")
+    colour = torch.zeros(n, dtype=torch.long).scatter_reduce(0, flat, labels.flatten(), "amax")
+    h = (y1 - y0).clamp(min=1)
+    top = torch.bincount(flat, weights=(y < y0[flat] + h[flat] // 2).double(), minlength=n)
+    bottom = torch.bincount(flat, weights=(y >= y0[flat] + (h[flat] + 1) // 2).double(), minlength=n)
+    keep = (area >= MIN_AREA * object_size(S) ** 2) & (torch.arange(n) % (S * S + 1) != 0)
+    k = keep.nonzero().flatten()
+    shapes = shape_from(area[k].double(), h[k].double(), (x1 - x0)[k].double(), top[k], bottom[k])
+    out = [[] for _ in range(B)]
+    for j, i in enumerate(k.tolist()):
+        out[i // (S * S + 1)].append(Found(shapes[j], COLORS[colour[i].item() - 1],
+                                           (x0[i].item(), y0[i].item(), x1[i].item(), y1[i].item()), area[i].item()))
+    return [sorted(f, key=lambda f: -f.area) for f in out]
 
 
 def check(spec: Spec, found: list[Found]) -> tuple[float, bool]:

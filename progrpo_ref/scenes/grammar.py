@@ -12,8 +12,8 @@
 A prompt parses into a ``Spec``: the requirements ``(shape, colour or None, count)`` and, for ``position``, the
 relation of the first to the second ("A left of B"), as GenEval's metadata does. As in GenEval, the two objects of a
 prompt are of different kinds (shapes), so that each requirement counts its own shape. ``PROMPTS`` lists every prompt
-the grammar makes (1,194 with the three shapes and six colours below; 342 of them held out); a prompt's id is its index there, which is
-what the task passes around as ``prompts [B]``.
+the grammar makes (1,194 with the three shapes and six colours below; 342 of them held out); a prompt's id is its
+index there, which is what the task passes around as ``prompts [B]``.
 
 Held-out combinations: ``HELD_OUT_PAIRS`` are (colour, shape) pairs that no training prompt mentions; a prompt that
 names one is held out, never seen in pretraining or in GRPO, and measures compositional generalisation (the

@@ -7,6 +7,11 @@ among those that do not make a held-out (colour, shape) pair, so no training ima
 ``position`` prompt the layout is redrawn until the relation holds by ``grammar.relations`` with a margin (the
 normalised offset beyond 0.7 on the named axis, not only 0.5), so that the ground truth is never borderline.
 
+Why 24 pixels for the model: generated images are soft, and at 16 pixels a 3 x 3 blur already turns most 5-pixel
+sprites into blobs the checker cannot tell apart (40% of blurred scenes read correctly), while at 24 pixels every
+blurred scene still reads (``tests/test_scenes.py``); 24 x 24 in patches of 4 also costs the transformer about as
+many tokens (36) as 16 x 16 in patches of 2 (64), for 3.6x the digits' model per sample.
+
 ``render(spec, generator, size)`` returns the image and its layout: ``[(shape, colour, (x0, y0, x1, y1))]``, boxes
 with exclusive ends.
 """

@@ -1,0 +1,92 @@
+"""The scenes task through the unchanged trainer: a tiny random scene model (16 x 16, one joint block) on the CPU.
+What this covers: the text encoder and SD3 transformer behind the Task seam, exact NFE, the on-policy log-ratio,
+Expand-and-Prune and the evaluation's keys. What it does not: the pretrained model or any learning."""
+import pytest
+import torch
+
+from progrpo_ref import FlowSDE, arm_config, train
+from progrpo_ref.algorithm.grpo import step_log_prob
+from progrpo_ref.algorithm.noise import TrajectoryNoise
+from progrpo_ref.algorithm.pro_grpo import PRESETS
+from progrpo_ref.algorithm.rollout import NFECounter, rollout
+from progrpo_ref.scenes.grammar import CATEGORIES, SPECS, TRAIN
+from progrpo_ref.scenes.model import NULL_PROMPT, SceneModel, SceneModelConfig
+from progrpo_ref.scenes.task import ScenesTask
+
+TINY = dict(image_size=16, patch_size=4, num_layers=1, num_attention_heads=2, attention_head_dim=8, text_width=16,
+            text_layers=1, pooled_projection_dim=16)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return ScenesTask(eval_per_category=1, eval_per_prompt=1, eval_group=3, model_config=TINY)
+
+
+@pytest.mark.parametrize("arm", ["flow_grpo", "standard"])
+def test_train_drives_the_scene_model(task, arm):
+    cfg = arm_config(arm, num_updates=1, prompts_per_update=2, eval_every=1, beta=0.01, progress=False)
+    h = train(cfg, task)
+    row = h["updates"][0]
+    assert row["nfe_per_prompt"] == PRESETS[arm].nfe()  # measured by wrapping the model
+    assert row["trained_per_prompt"] == PRESETS[arm].final_size
+    assert row["ratio_dev_first"] <= 1e-5
+    ev = h["evals"][-1]
+    assert {f"eval_accuracy_{c}" for c in CATEGORIES} <= set(ev) and "eval_heldout_accuracy" in ev
+    assert all(0 <= ev[k] <= 1 for k in ev if "accuracy" in k)
+    assert h["task"]["name"] == "scenes"
+
+
+def test_rescoring_gives_a_log_ratio_of_exactly_zero(task):
+    model, sde = task.policy(), FlowSDE(10)
+    counter = NFECounter(model)
+    ro = rollout(counter, sde, torch.tensor([0, 500]), 3, TrajectoryNoise(1), latent_shape=task.latent_shape)
+    assert counter.nfe == 2 * 3 * 10 and ro.latents.shape == (6, 11, 3, 16, 16)
+    with torch.no_grad():
+        for t in range(10):
+            assert torch.equal(step_log_prob(model, sde, ro.latents, ro.prompts, t).log_prob, ro.log_probs[:, t])
+
+
+def test_prompts_are_training_prompts_with_categories_alike(task):
+    p = task.sample_prompts(6000, torch.Generator().manual_seed(0))
+    assert set(p.tolist()) <= set(TRAIN)
+    counts = torch.tensor([sum(SPECS[i].category == c for i in p.tolist()) for c in CATEGORIES], dtype=torch.float)
+    assert (counts / 1000 - 1).abs().max() < 0.1  # 1000 each expected; position alone has 75% of the prompts
+
+
+def test_the_prompt_changes_the_output_and_bad_inputs_are_refused():
+    torch.manual_seed(0)
+    m = SceneModel(SceneModelConfig(**TINY))
+    x = torch.randn(2, 3, 16, 16)
+    a, b = m(x, 0.5, torch.tensor([0, 0])), m(x, 0.5, torch.tensor([0, NULL_PROMPT]))
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    with pytest.raises(ValueError, match=r"expected \[B, 3, 16, 16\]"):
+        m(torch.randn(2, 1, 16, 16), 0.5, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="prompt id 9999"):
+        m(x, 0.5, torch.tensor([0, 9999]))
+    with pytest.raises(ValueError, match="FlowSDE or FlowCPS"):
+        ScenesTask(model_config=TINY).check_sampler(object())
+    with pytest.raises(ValueError, match="eval_group"):
+        ScenesTask(eval_group=1, model_config=TINY)
+
+
+def test_without_a_checkpoint_the_task_names_the_command_that_makes_it(tmp_path):
+    from progrpo_ref.scenes.task import load_scene_model
+
+    with pytest.raises(FileNotFoundError, match="python -m progrpo_ref.scenes.pretrain"):
+        load_scene_model(tmp_path / "missing.safetensors")
+
+
+def test_pretraining_runs_and_round_trips_through_its_checkpoint(tmp_path):
+    """Two steps of the pretraining on a tiny model, saved and loaded back: the same outputs."""
+    from progrpo_ref.digits.serialization import save_module
+    from progrpo_ref.scenes.pretrain import PretrainConfig, pretrain
+    from progrpo_ref.scenes.task import load_scene_model
+
+    model, losses = pretrain(PretrainConfig(steps=2, batch_size=8, scenes_per_prompt=1), SceneModelConfig(**TINY),
+                             progress=False)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    save_module(model, tmp_path / "m.safetensors")
+    back = load_scene_model(tmp_path / "m.safetensors")
+    x, p = torch.randn(2, 3, 16, 16), torch.tensor([3, NULL_PROMPT])
+    with torch.no_grad():
+        assert torch.equal(model(x, 0.3, p), back(x, 0.3, p))
