@@ -67,8 +67,8 @@ class ScenesTask:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}={v!r} must be a finite number > 0")
-        size = SceneModelConfig(**(self.model_config or {})).image_size if self.model_config else None
-        self.latent_shape = (3, size or _committed_config().image_size, size or _committed_config().image_size)
+        config = SceneModelConfig(**self.model_config) if self.model_config is not None else _committed_config()
+        self.latent_shape = (3, config.image_size, config.image_size)
 
     def describe(self) -> dict:
         return {"name": "scenes", **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
@@ -81,8 +81,9 @@ class ScenesTask:
 
     def policy(self, device="cpu") -> torch.nn.Module:
         if self.model_config is not None:
-            torch.manual_seed(0)
-            return SceneModel(SceneModelConfig(**self.model_config)).to(device)
+            with torch.random.fork_rng(devices=[]):  # the same random weights every time, the global RNG untouched
+                torch.manual_seed(0)
+                return SceneModel(SceneModelConfig(**self.model_config)).to(device)
         return load_scene_model(device=device)
 
     def reference(self, policy, device="cpu"):
