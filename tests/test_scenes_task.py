@@ -90,3 +90,17 @@ def test_pretraining_runs_and_round_trips_through_its_checkpoint(tmp_path):
     x, p = torch.randn(2, 3, 16, 16), torch.tensor([3, NULL_PROMPT])
     with torch.no_grad():
         assert torch.equal(model(x, 0.3, p), back(x, 0.3, p))
+
+
+def test_pretraining_is_judged_on_the_tasks_fixed_prompts():
+    from progrpo_ref.scenes.grammar import HELD_OUT
+    from progrpo_ref.scenes.pretrain import eval_prompts
+    from progrpo_ref.scenes.task import fixed_prompts
+
+    e = eval_prompts(3, seed=7)
+    assert e["colors"] == fixed_prompts(3, 7, held_out=False)["colors"]
+    assert e["heldout_position"] == fixed_prompts(3, 7, held_out=True)["position"]
+    for name, ids in e.items():
+        assert len(ids) == len(set(ids)) <= 3
+        assert set(ids) <= set(HELD_OUT if name.startswith("heldout_") else TRAIN)
+        assert {SPECS[i].category for i in ids} == {name.removeprefix("heldout_")}

@@ -22,9 +22,10 @@ from ..algorithm.rollout import sample
 from ..algorithm.samplers import FlowSDE
 from ..digits.pretrain import PretrainConfig as DigitsPretrainConfig, fit
 from .checker import geneval_scores
-from .grammar import CATEGORIES, HELD_OUT, SPECS, TRAIN
+from .grammar import CATEGORIES, SPECS, TRAIN
 from .model import CHECKPOINT, NULL_PROMPT, SceneModel, SceneModelConfig
 from .render import render
+from .task import fixed_prompts
 
 
 @dataclass
@@ -71,17 +72,10 @@ def pretrain(config: PretrainConfig = PretrainConfig(), model_config: SceneModel
 
 
 def eval_prompts(per_category: int = 16, seed: int = 1234) -> dict[str, list[int]]:
-    """Fixed evaluation prompts: ``per_category`` of each category among the training prompts, and the held-out
-    prompts' categories under ``heldout_<category>``."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, pool in (("", TRAIN), ("heldout_", HELD_OUT)):
-        for c in CATEGORIES:
-            ids = [i for i in pool if SPECS[i].category == c]
-            if ids:
-                pick = torch.randperm(len(ids), generator=g)[:per_category].tolist()
-                out[name + c] = [ids[k] for k in pick]
-    return out
+    """The task's fixed evaluation prompts: ``per_category`` training prompts of each category, and held-out ones
+    under ``heldout_<category>``."""
+    held_out = fixed_prompts(per_category, seed, held_out=True)
+    return {**fixed_prompts(per_category, seed, held_out=False), **{f"heldout_{c}": v for c, v in held_out.items()}}
 
 
 @torch.no_grad()
