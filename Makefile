@@ -8,7 +8,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/*.ipynb))
 TORCH_PIP_ARGS ?=
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: venv test reproduce lab bench pretrain clean
+.PHONY: venv test reproduce lab bench pretrain pretrain-scenes clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,11 @@ bench: venv
 # Regenerate the committed checkpoints (classifiers, flow model, diffusion model), about 5 minutes on 2 cores.
 pretrain: venv
 	$(PY) -m progrpo_ref.digits.pretrain
+
+# Regenerate the scenes' committed checkpoints (the learned reward and its twin, the autoencoder, the text-to-image
+# flow model), about 25 minutes on 2 cores.
+pretrain-scenes: venv
+	$(PY) -m progrpo_ref.scenes.pretrain
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -6,7 +6,9 @@ prompt's words (``grammar.VOCABULARY``) after a ``<bos>`` token, embedded with l
 a small transformer encoder; its output sequence is ``encoder_hidden_states [B, L, D]`` and its output at ``<bos>``,
 projected, is ``pooled_projections [B, Dp]`` (CLIP pools at one token the same way). Padding is attended to, as SD3
 attends to T5's padding. The prompt id ``NULL_PROMPT`` (``<bos>`` alone) is the empty prompt that pretraining drops
-to with probability ``prompt_dropout``, for classifier-free guidance.
+to with probability ``prompt_dropout``, for classifier-free guidance: with ``guidance_scale`` w > 1 the model returns
+v_uncond + w (v_cond - v_uncond), both branches in one batch, and says ``passes_per_sample = 2`` for the NFE count
+(SD3.5 and Flow-GRPO sample, and score log-probabilities, with guidance the same way).
 
 Convention (as the digits' flow model): ``x_sigma = (1 - sigma) x0 + sigma eps``, the network predicts ``eps - x0``,
 the transformer's timestep is ``sigma * 1000``. ``SceneModel.forward(x [B, 3, S, S], sigma, prompts [B]) -> v``.
@@ -43,10 +45,12 @@ TOKENS = torch.tensor([tokenize(p) for p in PROMPTS] + [tokenize("")])  # [promp
 class SceneModelConfig:
     """Sizes (defaults: 24 x 24 RGB in 6 x 6 patches of 4 pixels, 3 joint blocks of 4 heads x 16)."""
 
-    image_size: int = 24
-    """image height and width (pixel space, no VAE)"""
-    patch_size: int = 4
-    """transformer patch size: 24 x 24 images give 36 image tokens"""
+    latent_size: int = 6
+    """latent height and width (the autoencoder's: 24 x 24 pixels, 4x down)"""
+    latent_channels: int = 8
+    """latent channels (the autoencoder's)"""
+    patch_size: int = 1
+    """transformer patch size: 6 x 6 latents give 36 image tokens"""
     num_layers: int = 3
     """joint (MMDiT) transformer blocks"""
     num_attention_heads: int = 4
@@ -83,26 +87,43 @@ class TextEncoder(nn.Module):
 
 
 class SceneModel(nn.Module):
-    """Velocity model ``v_theta(x, sigma, prompt)``: text encoder + small SD3 transformer."""
+    """Velocity model ``v_theta(x, sigma, prompt)``: text encoder + small SD3 transformer, guided by
+    ``guidance_scale`` (1: no guidance)."""
 
-    def __init__(self, config: SceneModelConfig | None = None):
+    def __init__(self, config: SceneModelConfig | None = None, guidance_scale: float = 1.0):
         super().__init__()
+        self.guidance_scale = guidance_scale
         from diffusers import SD3Transformer2DModel
 
         self.config = c = config or SceneModelConfig()
         self.text = TextEncoder(c.text_width, c.text_layers, c.pooled_projection_dim)
         self.transformer = SD3Transformer2DModel(
-            sample_size=c.image_size, patch_size=c.patch_size, in_channels=3, out_channels=3, num_layers=c.num_layers,
+            sample_size=c.latent_size, patch_size=c.patch_size, in_channels=c.latent_channels,
+            out_channels=c.latent_channels, num_layers=c.num_layers,
             attention_head_dim=c.attention_head_dim, num_attention_heads=c.num_attention_heads,
             joint_attention_dim=c.text_width, caption_projection_dim=c.num_attention_heads * c.attention_head_dim,
-            pooled_projection_dim=c.pooled_projection_dim, pos_embed_max_size=c.image_size // c.patch_size)
+            pooled_projection_dim=c.pooled_projection_dim, pos_embed_max_size=c.latent_size // c.patch_size)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, prompts: torch.Tensor) -> torch.Tensor:
-        s = self.config.image_size
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (3, s, s):
-            raise ValueError(f"x has shape {tuple(getattr(x, 'shape', ()))}; expected [B, 3, {s}, {s}]")
+        c, s = self.config.latent_channels, self.config.latent_size
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
+            raise ValueError(f"x has shape {tuple(getattr(x, 'shape', ()))}; expected [B, {c}, {s}, {s}]")
         check_prompt_ids(prompts, allow_null=True)
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        w = self.guidance_scale
+        if w != 1.0:  # [cond; uncond] in one batch
+            v = self.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                              torch.cat([prompts, torch.full_like(prompts, NULL_PROMPT)]))
+            cond, uncond = v.chunk(2)
+            return uncond + w * (cond - uncond)
+        return self.velocity(x, sigma, prompts)
+
+    @property
+    def passes_per_sample(self) -> int:
+        return 1 if self.guidance_scale == 1.0 else 2
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """The unguided network: ``[B, C, s, s]`` latents, ``[B]`` noise levels and prompt ids."""
         tokens, pooled = self.text(prompts)
         return self.transformer(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=pooled,
                                 timestep=sigma * 1000.0, return_dict=False)[0]

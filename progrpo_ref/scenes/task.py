@@ -2,14 +2,18 @@
 
 Prompts are ids into ``grammar.PROMPTS``, drawn from the training prompts with the six categories weighted alike
 (a category uniformly, then one of its prompts). The policy is the committed pretrained ``SceneModel`` (or one built
-from ``model_config`` with random weights, for tests), sampled by ``FlowSDE`` or ``FlowCPS``; the KL reference a frozen
-copy of it. The training reward is the checker's GenEval score (partial credit, in [0, 1] for a scene with the right
-objects; a count far off can make it negative, as GenEval's does).
+from ``model_config`` with random weights, for tests), sampled by ``FlowSDE`` or ``FlowCPS`` in the autoencoder's
+latent space; the KL reference a frozen copy of it. Rewards see pixels: the frozen autoencoder decodes final latents
+and previews first, as SD3's VAE does before any reward. The training reward (``reward_name``) is the checker's
+GenEval score ("geneval": partial credit, in [0, 1] for a scene with the right objects; a count far off can make it
+negative, as GenEval's does) or the learned attribute model's prompt log-likelihood ("attributes", smooth, <= 0).
 
 The evaluation never sees a selection step: fixed-seed ODE samples of fixed prompts, ``eval_per_category`` of each
 category among the training prompts and among the held-out ones (combinations never seen in pretraining or GRPO),
-``eval_per_prompt`` samples each; the checker's strict accuracy and score per category and overall; and one fresh,
-unselected SDE group of ``eval_group`` per training category's first prompt, for the reward spread and clustering.
+``eval_per_prompt`` samples each; the checker's strict accuracy and score per category and overall, and the learned
+reward's independently trained twin on the same samples (``eval_twin``, ``eval_heldout_twin``: the out-of-domain
+reward, which no training step sees; with the committed models only); and one fresh, unselected SDE group of
+``eval_group`` per training category's first prompt, for the training reward's spread and clustering.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from ..algorithm.rollout import rollout, sample
 from ..algorithm.samplers import FlowCPS, FlowSDE, Sampler
 from .checker import geneval_scores
 from .grammar import CATEGORIES, HELD_OUT, SPECS, TRAIN
+from .attributes import load_attribute_reward
+from .autoencoder import AUTOENCODER_CHECKPOINT, AutoencoderConfig, SceneAutoencoder
 from .model import CHECKPOINT, SceneModel, SceneModelConfig, check_prompt_ids
 
 TRAIN_BY_CATEGORY = {c: [i for i in TRAIN if SPECS[i].category == c] for c in CATEGORIES}
@@ -54,6 +60,10 @@ class ScenesTask:
     """delta of the clustering region |A| <= delta in the evaluation's fresh groups"""
     adv_eps: float = 1e-4
     """eps of the advantages in the evaluation's clustering fraction"""
+    reward_name: str = "geneval"
+    """the training reward: "geneval" (the checker's score) or "attributes" (the learned reward)"""
+    guidance_scale: float = 1.0
+    """classifier-free guidance of the policy (and its reference) in sampling and training; 1: none"""
     model_config: dict | None = None
     """None: the committed pretrained model; else a ``SceneModelConfig``'s fields, random weights (tests)"""
     costs: dict = field(default_factory=lambda: {"reward_images": 0.0}, init=False, repr=False, compare=False)
@@ -63,12 +73,32 @@ class ScenesTask:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name}={v!r} must be an integer >= {lo}")
+        if self.reward_name not in ("geneval", "attributes"):
+            raise ValueError(f"reward_name={self.reward_name!r} must be 'geneval' or 'attributes'")
+        if not (isinstance(self.guidance_scale, (int, float)) and math.isfinite(self.guidance_scale)
+                and self.guidance_scale >= 1):
+            raise ValueError(f"guidance_scale={self.guidance_scale!r} must be a finite number >= 1 (1: no guidance)")
         for name in ("cluster_delta", "adv_eps"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}={v!r} must be a finite number > 0")
-        config = SceneModelConfig(**self.model_config) if self.model_config is not None else _committed_config()
-        self.latent_shape = (3, config.image_size, config.image_size)
+        if self.model_config is not None:  # random weights, the same every time, the global RNG untouched
+            config = SceneModelConfig(**self.model_config)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(1)
+                self.autoencoder = SceneAutoencoder(AutoencoderConfig(4 * config.latent_size, config.latent_channels,
+                                                                      8)).eval()
+            self.twin = None
+        else:
+            config = _committed_config()
+            self.autoencoder = load_autoencoder()
+            self.twin = load_attribute_reward("heldout")
+        self.attributes = load_attribute_reward("reward") if self.reward_name == "attributes" else None
+        self.autoencoder.requires_grad_(False)
+        self.latent_shape = (config.latent_channels, config.latent_size, config.latent_size)
+        if self.autoencoder.latent_shape != self.latent_shape:
+            raise ValueError(f"the flow model's latents {self.latent_shape} are not the autoencoder's "
+                             f"{self.autoencoder.latent_shape}; regenerate both with `{REGENERATE}`")
 
     def describe(self) -> dict:
         return {"name": "scenes", **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
@@ -83,8 +113,11 @@ class ScenesTask:
         if self.model_config is not None:
             with torch.random.fork_rng(devices=[]):  # the same random weights every time, the global RNG untouched
                 torch.manual_seed(0)
-                return SceneModel(SceneModelConfig(**self.model_config)).to(device)
-        return load_scene_model(device=device)
+                model = SceneModel(SceneModelConfig(**self.model_config)).to(device)
+        else:
+            model = load_scene_model(device=device)
+        model.guidance_scale = float(self.guidance_scale)
+        return model
 
     def reference(self, policy, device="cpu"):
         """A frozen copy of the starting policy (the pretrained model, not ``policy``, which may be trained)."""
@@ -94,10 +127,18 @@ class ScenesTask:
         if not isinstance(sampler, (FlowSDE, FlowCPS)):
             raise ValueError(f"the scenes' flow model needs FlowSDE or FlowCPS, got {sampler!r}")
 
-    def reward(self, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decoded pixels ``[B, 3, 24, 24]`` in [-1, 1] (on the CPU) of latents ``[B, C, 6, 6]``."""
+        return self.autoencoder.decode(latents.detach().float().cpu()).clamp(-1, 1)
+
+    def reward(self, latents: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         check_prompt_ids(prompts)
-        self.costs["reward_images"] += len(images)
-        return geneval_scores(images.clamp(-1, 1), prompts.cpu())[0].to(images.device)
+        self.costs["reward_images"] += len(latents)
+        images = self.images(latents)
+        if self.attributes is not None:
+            return self.attributes(images, prompts.cpu()).to(latents.device)
+        return geneval_scores(images, prompts.cpu())[0].to(latents.device)
 
     @torch.no_grad()
     def evaluate(self, policy, sampler: Sampler) -> dict:
@@ -106,18 +147,23 @@ class ScenesTask:
         out, k = {}, 0
         for held_out in (False, True):
             prefix = "eval_heldout_" if held_out else "eval_"
-            strict_all, score_all = [], []
+            strict_all, score_all, twin_all = [], [], []
             for cat, ids in fixed_prompts(self.eval_per_category, self.eval_seed, held_out).items():
                 p = torch.tensor(ids, device=dev).repeat_interleave(self.eval_per_prompt)
-                images = sample(policy, sampler.deterministic(), p,
-                                TrajectoryNoise(self.eval_seed + k, stream="eval_ode"), latent_shape=self.latent_shape)
+                latents = sample(policy, sampler.deterministic(), p,
+                                 TrajectoryNoise(self.eval_seed + k, stream="eval_ode"), latent_shape=self.latent_shape)
                 k += 1
-                score, strict = geneval_scores(images.clamp(-1, 1).cpu(), p.cpu())
+                images = self.images(latents)
+                score, strict = geneval_scores(images, p.cpu())
+                if self.twin is not None:
+                    twin_all.append(self.twin(images, p.cpu()))
                 out[f"{prefix}accuracy_{cat}"] = strict.float().mean().item()
                 strict_all.append(strict.float())
                 score_all.append(score)
             out[f"{prefix}accuracy"] = torch.cat(strict_all).mean().item()
             out[f"{prefix}score"] = torch.cat(score_all).mean().item()
+            if twin_all:
+                out[f"{prefix}twin"] = torch.cat(twin_all).mean().item()
         firsts = torch.tensor([ids[0] for ids in fixed_prompts(1, self.eval_seed, False).values()], device=dev)
         fresh = rollout(policy, sampler, firsts, self.eval_group, TrajectoryNoise(self.eval_seed, stream="eval_group"),
                         latent_shape=self.latent_shape)
@@ -140,8 +186,18 @@ def _committed_config() -> SceneModelConfig:
     return SceneModelConfig(**json.loads(checkpoint_metadata(CHECKPOINT)["config"]))
 
 
+REGENERATE = "python -m progrpo_ref.scenes.pretrain"
+
+
 def load_scene_model(path=None, device="cpu") -> SceneModel:
     """The committed pretrained scene model (EMA weights), in eval mode on ``device``."""
     from ..digits.serialization import load_module
 
-    return load_module(SceneModel, SceneModelConfig, path or CHECKPOINT, device, "python -m progrpo_ref.scenes.pretrain")
+    return load_module(SceneModel, SceneModelConfig, path or CHECKPOINT, device, REGENERATE)
+
+
+def load_autoencoder(path=None, device="cpu") -> SceneAutoencoder:
+    """The committed scenes autoencoder (EMA weights, latents normalised), in eval mode on ``device``."""
+    from ..digits.serialization import load_module
+
+    return load_module(SceneAutoencoder, AutoencoderConfig, path or AUTOENCODER_CHECKPOINT, device, REGENERATE)

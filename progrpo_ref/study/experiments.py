@@ -132,3 +132,15 @@ class Study:
         self.results.save()
         return (f"notebook {self.notebook.split('_')[0]} ran in {time.perf_counter() - self.t0:.0f} s ({self.profile} "
                 f"profile; {self.results.summary()})")
+
+
+def seconds_per_update(config: TrainConfig, task, updates: int, warmup: int = 1, threads: int = 2) -> float:
+    """Mean sampling + optimisation seconds of ``updates`` updates of ``config`` on ``task``, after ``warmup``
+    (evaluations not counted), serially in this process with ``threads`` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    n = warmup + updates
+    history = train(replace(config, num_updates=n, eval_every=n, progress=False), task)
+    rows = history["updates"][warmup:]
+    return sum(r["sampling_s"] + r["optimisation_s"] for r in rows) / len(rows)

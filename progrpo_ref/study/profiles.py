@@ -3,7 +3,8 @@
 ``Study(notebook).size``; nothing else in a notebook depends on the profile.
 
 ``train`` holds the ``TrainConfig`` fields of the notebook's runs, ``task`` the ``DigitsTask`` fields (the
-evaluation's sizes); the study's runs are 4 prompts per update, G = 24, evaluated on fixed-seed ODE samples.
+evaluation's sizes; ``ScenesTask``'s in notebook 08); the study's runs are 4 prompts per update, G = 24, evaluated on
+fixed-seed ODE samples.
 """
 
 QUICK_TRAIN = dict(num_updates=2, eval_every=2, prompts_per_update=2)
@@ -48,5 +49,12 @@ SIZES = {
                      audit_every=10, train=dict(num_updates=60, eval_every=10), task={}),
         "quick": dict(seeds=[0], second_seeds=[0], screen_updates=2, groups_per_digit=1, group=8, audit_every=2,
                       train=dict(num_updates=4, eval_every=2, prompts_per_update=2), task=QUICK_TASK),
+    },
+    "08_scenes": {  # 5 arms x 3 seeds x 30 updates of the scenes model, fidelity on 2 policies, samples
+        "full": dict(seeds=[0, 1, 2], train=dict(num_updates=30, eval_every=10), task={}, fidelity_per_category=4,
+                     fidelity_group=24, timing_updates=3, samples=8),
+        "quick": dict(seeds=[0], train=dict(num_updates=2, eval_every=2, prompts_per_update=2),
+                      task=dict(eval_per_category=1, eval_per_prompt=1, eval_group=4), fidelity_per_category=1,
+                      fidelity_group=8, timing_updates=1, samples=2),
     },
 }
