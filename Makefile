@@ -30,7 +30,7 @@ test: venv
 # Re-execute every notebook in order, in place, in the full profile, computing everything (PROGRPO_RESULTS=rebuild:
 # no stored run is read; each notebook rewrites figures/runs/<notebook>.json.gz, its figures and its part of
 # figures/results.json), then the benchmark (figures/bench_cpu.{md,json}, figures/bench_scaling.png), then regenerate
-# the generated sections of README.md and docs/. About 55 minutes on 2 cores; notebook 07 took 1.7x as long on a slower CPU.
+# the generated sections of README.md and docs/. About 70 minutes on 2 cores (55 before notebook 08); notebook 07 took 1.7x as long on a slower CPU.
 reproduce: venv
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \

@@ -26,7 +26,8 @@ GPU = REPO / "figures" / "gpu_pipeline.json"  # written by study.pipeline_bench 
 README = REPO / "README.md"
 DOCS_RESULTS = REPO / "docs" / "results.md"
 DOCS_PIPELINES = REPO / "docs" / "pipelines.md"
-PAGES = {README: ("verdict", "path"), DOCS_RESULTS: ("model", "rewards", "findings", "diffusion", "when", "bench"),
+PAGES = {README: ("verdict", "path"), DOCS_RESULTS: ("model", "rewards", "findings", "diffusion", "when", "scenes",
+                                                    "bench"),
          DOCS_PIPELINES: ("gpu",)}
 _QUICK = Path(tempfile.gettempdir()) / "progrpo_quick_results.json"
 
@@ -81,8 +82,27 @@ def render_verdict(r: dict) -> str:
         f"- **What works:** later prune points train better ((6, 8) over the paper's (5, 7): {_pm(late)} at {head}), and "
         f"the best use of an expanded group is not to prune it: finish all 48 and keep 12 by OVF on the final rewards "
         f"({_pm(select)} over Flow-GRPO, at twice its network calls).",
+        *([render_scenes_verdict(r["08"])] if "08" in r else []),
         "- **Unknown:** whether a real text-to-image policy keeps its previews faithful at mid-sampling. Our models are "
-        "8x8 digits; measure the fidelity on yours before trusting the paper's schedule (the recipe below)."])
+        "small (8x8 digits, 24x24 scenes); measure the fidelity on yours before trusting the paper's schedule (the "
+        "recipe below)."])
+
+
+def _noise(d: dict) -> str:
+    return "beyond 2 se" if d["exceeds_2se"] else "within noise"
+
+
+def render_scenes_verdict(e: dict) -> str:
+    """The README's bullet on the scenes (notebook 08)."""
+    d, fid = e["diff"], e["fidelity"]
+    pre, trained = (fid[k] for k in list(fid)[:2])
+    return (f"- **On compositional scenes** (notebook 08: a 24x24 text-to-image model with SD3's architecture, "
+            f"GenEval's reward): the pretrained model satisfies {e['pretrained']['eval_accuracy']:.0%} of the evaluation's "
+            f"training prompts and {e['pretrained']['eval_heldout_accuracy']:.0%} of its held-out ones. After "
+            f"{e['updates']} updates ({e['seeds']} paired seeds), strict accuracy minus Flow-GRPO's: Standard "
+            f"{_pm3(d['standard'])} ({_noise(d['standard'])}), Flash {_pm3(d['flash'])} ({_noise(d['flash'])}), "
+            f"ovf_48 {_pm3(d['ovf_48'])} ({_noise(d['ovf_48'])}). Preview fidelity at call 5: {pre['5']:.2f} on the "
+            f"pretrained model, {trained['5']:.2f} after Flow-GRPO.")
 
 
 NOTEBOOKS_TAUGHT = {
@@ -98,6 +118,8 @@ NOTEBOOKS_TAUGHT = {
     "06": ("Real pipelines", "the same `train()` on diffusers' SD3 and Stable Diffusion pipelines with LoRA"),
     "07": ("When to prune", "fidelity by step, sampler and noise level; why it falls; five schedules in two "
            "settings, an adaptive one among them"),
+    "08": ("Scenes: a GenEval in miniature", "a text-to-image flow model on compositional scenes with GenEval's "
+           "reward; the arms, held-out combinations and proxy fidelity where the layout decides the reward"),
 }
 
 
@@ -362,8 +384,44 @@ def render_when(r: dict) -> str:
         + ", ".join(f"{w['audit_share'][s]['mean']:.0%} of its NFE in {s}" for s in settings) + "."])
 
 
+def render_scenes(r: dict) -> str:
+    """Notebook 08: the scene model's accuracy per category, the arms on it, proxy fidelity, the cost of an update."""
+    e = r["08"]
+    pre = e["pretrained"]
+    cats = [k.removeprefix("eval_accuracy_") for k in pre if k.startswith("eval_accuracy_")]
+    lines = ["Pretrained scene model: strict accuracy (GenEval's metric) of fixed-seed ODE samples per category.", "",
+             "| category | training prompts | held-out prompts |", "|---|---|---|"]
+    for c in cats:
+        held = pre.get(f"eval_heldout_accuracy_{c}")
+        lines.append(f"| {c} | {pre[f'eval_accuracy_{c}']:.2f} | {'' if held is None else f'{held:.2f}'} |")
+    lines += [f"| all | {pre['eval_accuracy']:.2f} | {pre['eval_heldout_accuracy']:.2f} |", "",
+              f"With classifier-free guidance 4 (two passes per sample): {e['pretrained_guidance4']:.2f} on training "
+              "prompts.", "",
+              f"GRPO with GenEval's reward, {e['updates']} updates of 4 prompts, {e['seeds']} paired seeds: final strict "
+              "accuracy (mean +- std over seeds) and the paired difference to Flow-GRPO.", "",
+              "| arm | training prompts | held-out prompts | minus Flow-GRPO | minus Flow-GRPO, held out |",
+              "|---|---|---|---|---|"]
+    for arm, f in e["final"].items():
+        d, dh = e["diff"].get(arm), e["diff_heldout"].get(arm)
+        lines.append(f"| {arm} | {f['mean']:.3f} +- {f['std']:.3f} | {e['final_heldout'][arm]['mean']:.3f} +- "
+                     f"{e['final_heldout'][arm]['std']:.3f} | {'' if d is None else _pm3(d)} | "
+                     f"{'' if dh is None else _pm3(dh)} |")
+    lines += ["", "Proxy fidelity (within-group Spearman of preview and final GenEval reward) at calls 3 / 5 / 7 / 9:", ""]
+    for name, f in e["fidelity"].items():
+        lines.append(f"- {name}: " + " / ".join(f"{f[str(c)]:.2f}" for c in (3, 5, 7, 9)))
+    digits = e["digits_seconds_per_update"]
+    lines += ["", "Seconds per update on the machine that ran `make reproduce`: " + ", ".join(
+        f"{arm} {s:.2f} s ({s / digits:.1f}x the digits' Flow-GRPO update)" for arm, s in e["seconds_per_update"].items())
+        + "."]
+    return "\n".join(lines)
+
+
+def _pm3(d: dict) -> str:
+    return f"{d['mean']:+.3f} +- {d['std']:.3f}"
+
+
 def sections(results: dict, bench: list[dict], gpu: list[dict] | None = None) -> dict:
-    return {"verdict": render_verdict(results), "path": render_path(results), "model": render_model(results),
+    return {"scenes": render_scenes(results), "verdict": render_verdict(results), "path": render_path(results), "model": render_model(results),
             "rewards": render_rewards(results), "findings": render_findings(results),
             "diffusion": render_diffusion(results), "when": render_when(results), "bench": render_bench(bench),
             "gpu": render_gpu(gpu)}
